@@ -1,0 +1,41 @@
+"""Named sets of reversion hyperparameters. `paper` reproduces the TERD paper exactly;
+`standard` (the default) and `fast` were chosen by measurement on the zoo (see README,
+"Presets"). Every value can be overridden from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class ReversionSettings:
+    stage1_iterations: int = 3000
+    stage2_iterations: int = 1000
+    batch_size: int = 16
+    sampler_steps: int = 10  # DDIM steps of the differentiable sampler in stage 2
+    lr: float = 0.5  # SGD, no momentum, cosine schedule, both stages
+    gamma_lr: float = 0.05  # gamma is learned beside r (the paper learns it only for TrojDiff)
+    l1_weight: float = 5e-5  # lambda in  L - lambda * ||r||_1
+    stage2_grad_clip: float = 0.01  # gradient-norm clip on r in stage 2
+    gamma_floor: float = 0.05
+    timestep_window: int = 10  # "last 10" / "first 10" training steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def override(self, **values) -> "ReversionSettings":
+        """Replace the given fields; None means 'keep the preset's value'."""
+        known = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in values.items() if v is not None and k in known})
+
+
+PRESETS: dict[str, ReversionSettings] = {
+    "paper": ReversionSettings(),
+    "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1),
+    "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3),
+}
+DEFAULT_PRESET = "standard"
+
+
+def settings_for(preset: str, **overrides) -> ReversionSettings:
+    return PRESETS[preset].override(**overrides)
