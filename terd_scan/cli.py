@@ -1,0 +1,193 @@
+"""The `terd-scan` command line: parses options, calls the library, maps outcomes to exit codes
+(0 clean, 1 backdoor / poisoned input found, 2 error). Errors are one line on stderr, never a
+traceback (set TERD_SCAN_DEBUG=1 to see one)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import ScanError
+from .presets import DEFAULT_PRESET, PRESETS
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
+                  help="Scan diffusion models for noise-space backdoors with TERD (ICML 2024).")
+err_console = Console(stderr=True)
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+class Format(str, Enum):
+    rich = "rich"
+    json = "json"
+    sarif = "sarif"
+
+
+class FailOn(str, Enum):
+    backdoored = "backdoored"
+    never = "never"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
+
+
+def fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_ERROR)
+
+
+def guarded(fn):
+    """Map every failure to exit code 2 with one line: Typer would exit 1 on an exception,
+    which a CI gate would read as 'backdoor found'."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except ScanError as exc:
+            raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was written") from None
+        except Exception as exc:  # an unexpected failure is still exit 2, not "backdoored"
+            if os.environ.get("TERD_SCAN_DEBUG"):
+                raise
+            first = (str(exc).splitlines() or [""])[0]
+            raise fail(f"internal error: {type(exc).__name__}: {first} (set TERD_SCAN_DEBUG=1 for the traceback "
+                       "and report it)") from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Yields a callback(stage, done, total) that drives one Rich progress bar per stage, on stderr."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import disable_progress_bars
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+
+
+@app.command("model")
+@guarded
+def model_command(
+    source: Annotated[str, typer.Argument(help="Model to scan: a local folder or .safetensors file, or a Hub repo id "
+                                               "(org/name or org/name@revision).", show_default=False)],
+    preset: Annotated[Preset, typer.Option(help="Reversion budget: paper (the paper's exact settings), standard, fast.")]
+    = Preset(DEFAULT_PRESET),
+    out: Annotated[Optional[Path], typer.Option(help="Folder for report.json, trigger.png, trigger.safetensors "
+                                                     "[default: ./terd-scan-out/<model name>].")] = None,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Report on stdout: rich, json or sarif.")]
+    = Format.rich,
+    fail_on: Annotated[FailOn, typer.Option(help="Exit 1 when a backdoor is found (backdoored) or never.")]
+    = FailOn.backdoored,
+    device: Annotated[Device, typer.Option(help="auto picks a CUDA or MPS GPU when present, else the CPU.")]
+    = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed: same inputs and seed give the same trigger and verdict.")] = 0,
+    reference: Annotated[Optional[Path], typer.Option(help="Benign reference JSON from 'terd-scan calibrate' "
+                                                           "[default: the one shipped for the preset].")] = None,
+    stage1_iterations: Annotated[Optional[int], typer.Option(min=0, help="Override: stage 1 iterations.")] = None,
+    stage2_iterations: Annotated[Optional[int], typer.Option(min=0, help="Override: stage 2 iterations.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Override: batch size.")] = None,
+    sampler_steps: Annotated[Optional[int], typer.Option(min=1, help="Override: DDIM steps in stage 2.")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Override: learning rate of r.")] = None,
+    gamma_lr: Annotated[Optional[float], typer.Option(min=0.0, help="Override: learning rate of gamma.")] = None,
+    l1_weight: Annotated[Optional[float], typer.Option("--lambda", min=0.0, help="Override: L1 weight lambda.")]
+    = None,
+    grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Override: stage 2 gradient clip.")] = None,
+    preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
+    = 1000,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision: branch, tag or commit.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token [default: $HF_TOKEN].", show_default=False)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Hugging Face cache folder.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="UNet config.json for a single weights file.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Load pickle weights (.bin/.pt/.ckpt), with "
+                                                    "torch.load(weights_only=True) only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
+) -> None:
+    """Reverse the trigger of a diffusion model and tell whether it is backdoored."""
+    from .scan import ScanOptions, default_out_dir, scan_model, write_artefacts
+    from .report import render_console, to_json, to_sarif
+
+    quiet_libraries()
+    options = ScanOptions(
+        preset=preset.value, seed=seed, device=device.value, reference=str(reference) if reference else None,
+        revision=revision, token=token or os.environ.get("HF_TOKEN"), cache_dir=str(cache_dir) if cache_dir else None,
+        allow_pickle=allow_pickle, config=str(config) if config else None, preview_steps=preview_steps,
+        overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
+                       batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
+                       l1_weight=l1_weight, stage2_grad_clip=grad_clip))
+    show_progress = format == Format.rich and not quiet and err_console.is_terminal
+    with progress_bars(show_progress) as progress:
+        result = scan_model(source, options, progress=progress)
+    write_artefacts(result, out or default_out_dir(result))
+
+    report = result.report
+    if quiet:
+        pass
+    elif format == Format.json:
+        sys.stdout.write(to_json(report))
+    elif format == Format.sarif:
+        sys.stdout.write(json.dumps(to_sarif(report), indent=2) + "\n")
+    else:
+        render_console(report, Console())
+    found = report["verdict"] == "backdoored"
+    raise typer.Exit(EXIT_FOUND if found and fail_on == FailOn.backdoored else EXIT_CLEAN)
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the version."""
+    typer.echo(f"terd-scan {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Model-level detection: KL features of the reversed trigger distribution and the verdict.
+
+Per dimension i, KL_i = KL(N(r_i, gamma_i^2) || N(0, 1)) = -log gamma_i + (gamma_i^2 + r_i^2 - 1) / 2.
+M_r is the mean of KL_i over dimensions and V_r its (population) variance; both are per-dimension,
+so they do not depend on image size. A backdoored model's trigger moves the distribution far from
+the benign prior: a dense trigger raises M_r, a sparse patch raises V_r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .reference import Reference
+
+BACKDOORED, CLEAN = "backdoored", "clean"
+
+
+def kl_per_dimension(r: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    r, gamma = r.double(), gamma.double()
+    return -gamma.log() + (gamma.pow(2) + r.pow(2) - 1) / 2
+
+
+@dataclass(frozen=True)
+class Features:
+    mean_kl: float  # M_r
+    var_kl: float  # V_r
+
+    def to_dict(self) -> dict:
+        return {"mean_kl": self.mean_kl, "var_kl": self.var_kl}
+
+
+def kl_features(r: torch.Tensor, gamma: torch.Tensor) -> Features:
+    kl = kl_per_dimension(r, gamma).flatten()
+    return Features(mean_kl=float(kl.mean()), var_kl=float(kl.var(unbiased=False)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str  # BACKDOORED or CLEAN
+    reasons: list[str]  # which feature(s) crossed which threshold
+
+    @property
+    def backdoored(self) -> bool:
+        return self.verdict == BACKDOORED
+
+
+def judge(features: Features, reference: Reference) -> Verdict:
+    """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V."""
+    th = reference.thresholds()
+    reasons = []
+    if features.mean_kl > th["mean_kl"]:
+        reasons.append(f"mean KL {features.mean_kl:.4g} > threshold {th['mean_kl']:.4g}")
+    if features.var_kl > th["var_kl"]:
+        reasons.append(f"KL variance {features.var_kl:.4g} > threshold {th['var_kl']:.4g}")
+    return Verdict(BACKDOORED if reasons else CLEAN, reasons)

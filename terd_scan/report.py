@@ -1,0 +1,191 @@
+"""Rendering one scan report (a plain dict, see README "Report schema") as a Rich console
+report, JSON or SARIF 2.1.0, and making the recovered trigger visible as an image."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+
+RULE_BACKDOOR = "TERD001"
+RULE_PICKLE = "TERD002"
+RULE_REFERENCE = "TERD003"
+SARIF_RULES = [
+    {"id": RULE_BACKDOOR, "name": "DiffusionBackdoorTrigger",
+     "shortDescription": {"text": "Diffusion model carries a noise-space backdoor"},
+     "fullDescription": {"text": "TERD reversed a trigger distribution N(r, gamma^2) whose KL divergence from the "
+                                 "benign prior exceeds the calibrated benign thresholds: starting noise carrying "
+                                 "the trigger makes the model generate an attacker-chosen output."},
+     "defaultConfiguration": {"level": "error"},
+     "help": {"text": "Do not publish or deploy this model. Inspect trigger.png: it shows what the model generates "
+                      "from the recovered trigger beside benign samples."}},
+    {"id": RULE_PICKLE, "name": "PickleWeightsLoaded",
+     "shortDescription": {"text": "Weights were loaded from a pickle (with --allow-pickle)"},
+     "defaultConfiguration": {"level": "warning"},
+     "help": {"text": "Convert the weights to safetensors; pickles can run code when loaded by other tools."}},
+    {"id": RULE_REFERENCE, "name": "ReferenceSettingsMismatch",
+     "shortDescription": {"text": "Thresholds were calibrated with other reversion settings"},
+     "defaultConfiguration": {"level": "warning"},
+     "help": {"text": "Calibrate a reference with the same settings ('terd-scan calibrate') and pass --reference."}},
+]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside the target, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+
+
+def _weight_locations(report: dict) -> list[dict]:
+    src = report.get("source", {})
+    files = [f for f in src.get("files", []) if f.get("role") == "weights"] or src.get("files", [])
+    base = src.get("repo_id") or src.get("root") or src.get("source", "")
+    locs = []
+    for f in files:
+        uri = f"{base.rstrip('/')}/{f['path']}" if base else f["path"]
+        locs.append({"physicalLocation": {"artifactLocation": {"uri": uri}},
+                     "properties": {"sha256": f.get("sha256")}})
+    return locs or [{"physicalLocation": {"artifactLocation": {"uri": str(base)}}}]
+
+
+def to_sarif(report: dict) -> dict:
+    """SARIF 2.1.0: one result per finding, stable rule ids, the weight files as locations."""
+    locations = _weight_locations(report)
+    feats, th = report["features"], report["thresholds"]
+    results = []
+    if report["verdict"] == "backdoored":
+        results.append({
+            "ruleId": RULE_BACKDOOR, "level": "error", "locations": locations,
+            "message": {"text": f"Backdoor found in {report['model']['name']}: " + "; ".join(report["reasons"])
+                                + (f". Recovered trigger: {report['artefacts'].get('trigger_png')}"
+                                   if report.get("artefacts", {}).get("trigger_png") else "")},
+            "properties": {"mean_kl": feats["mean_kl"], "var_kl": feats["var_kl"],
+                           "threshold_mean_kl": th["mean_kl"], "threshold_var_kl": th["var_kl"]}})
+    if report["source"].get("pickle_loaded"):
+        results.append({"ruleId": RULE_PICKLE, "level": "warning", "locations": locations,
+                        "message": {"text": "Weights were loaded from a pickle with torch.load(weights_only=True)."}})
+    for w in report.get("warnings", []):
+        if w.startswith("reference"):
+            results.append({"ruleId": RULE_REFERENCE, "level": "warning", "locations": locations,
+                            "message": {"text": w}})
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {"name": report["tool"]["name"], "version": report["tool"]["version"],
+                                "informationUri": "https://arxiv.org/abs/2409.05294", "rules": SARIF_RULES}},
+            "invocations": [{"executionSuccessful": True}],
+            "results": results,
+            "properties": {"verdict": report["verdict"], "features": feats, "thresholds": th},
+        }],
+    }
+
+
+def render_console(report: dict, console) -> None:
+    """The human report: verdict first, then the evidence and where the artefacts are."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    bad = report["verdict"] == "backdoored"
+    title = "[bold red]BACKDOORED[/]" if bad else "[bold green]CLEAN[/]"
+    why = "; ".join(report["reasons"]) if bad else "both KL features are within the benign thresholds"
+    console.print(Panel(f"{title}  {report['model']['name']}\n{why}", title="terd-scan verdict",
+                        border_style="red" if bad else "green", expand=False))
+
+    feats, th = report["features"], report["thresholds"]
+    t = Table(title="Features of the reversed trigger N(r, gamma^2) vs the benign prior", title_justify="left")
+    t.add_column("feature")
+    t.add_column("value", justify="right")
+    t.add_column("threshold", justify="right")
+    t.add_column("", justify="left")
+    for key, label in (("mean_kl", "M_r: mean KL per dimension"), ("var_kl", "V_r: variance of KL")):
+        over = feats[key] > th[key]
+        t.add_row(label, f"{feats[key]:.4g}", f"{th[key]:.4g}", "[red]over[/]" if over else "[green]under[/]")
+    console.print(t)
+
+    ref = report["reference"]
+    m, s = report["model"], report["settings"]
+    info = Table.grid(padding=(0, 2))
+    info.add_column(style="dim")
+    info.add_column()
+    src = report["source"]
+    source = src.get("repo_id") or src.get("source")
+    if src.get("resolved_commit"):
+        source += f" @ {src['resolved_commit']}"
+    info.add_row("source", source)
+    info.add_row("model", f"{m['kind']} UNet, input {tuple(m['input_shape'])}, {m['parameters']:,} parameters, "
+                          f"{m['prediction_type']} prediction, prior {m['prior']}")
+    info.add_row("schedule", m["schedule_origin"])
+    info.add_row("reference", f"{ref['name']} ({ref['origin']}, {ref['models']} benign models, "
+                              f"mu + {ref['k_sigma']:g} sigma)")
+    info.add_row("settings", f"preset {s['preset']}, stage 1 {s['stage1_iterations']} + stage 2 "
+                             f"{s['stage2_iterations']} iterations, batch {s['batch_size']}, "
+                             f"{s['sampler_steps']} DDIM steps, seed {s['seed']}, device {s['device']}")
+    tm = report["timing"]
+    info.add_row("cost", f"{tm['seconds']:.1f} s, {tm['network_evaluations']:,} network evaluations")
+    tr = report["trigger"]
+    info.add_row("trigger", f"mean |r| {tr['r_abs_mean']:.3f}, gamma mean {tr['gamma_mean']:.3f} "
+                            f"(min {tr['gamma_min']:.3f}, max {tr['gamma_max']:.3f})")
+    for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
+                       ("report_json", "report")):
+        if report.get("artefacts", {}).get(key):
+            info.add_row(label, report["artefacts"][key])
+    for w in report.get("warnings", []):
+        info.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
+    console.print(info)
+
+
+def _to_pixels(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:
+    """(C, H, W) float -> (H, W, 3) uint8; values in [lo, hi] map to [0, 255]."""
+    x = x.detach().float().cpu()
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    elif x.shape[0] != 3:
+        x = x[:3] if x.shape[0] > 3 else torch.cat([x, x[-1:].expand(3 - x.shape[0], -1, -1)])
+    lo = float(x.min()) if lo is None else lo
+    hi = float(x.max()) if hi is None else hi
+    x = ((x - lo) / max(hi - lo, 1e-8)).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, triggered: torch.Tensor) -> bytes:
+    """A PNG: the recovered r and gamma, then samples from benign noise (top row) and from the
+    recovered trigger (bottom row), so a person sees what the backdoor does."""
+    from PIL import Image, ImageDraw
+
+    _, h, w = r.shape
+    scale = max(1, 96 // max(h, w))
+    tile_w, tile_h = w * scale, h * scale
+    n = max(benign.shape[0], triggered.shape[0], 2)
+    pad, label_h = 4, 14
+    cols = n
+    width = pad + cols * (tile_w + pad)
+    height = 3 * (label_h + tile_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+
+    def paste(tile: torch.Tensor, col: int, row: int) -> None:
+        img = Image.fromarray(tile.numpy(), "RGB").resize((tile_w, tile_h), Image.NEAREST)
+        canvas.paste(img, (pad + col * (tile_w + pad), row * (label_h + tile_h + pad) + label_h + pad))
+
+    rows = [("recovered r (min..max) and gamma (0..max)", None),
+            ("generated from benign noise N(0, I)", benign), ("generated from the recovered trigger", triggered)]
+    for row, (label, _) in enumerate(rows):
+        draw.text((pad, row * (label_h + tile_h + pad) + 2), label, fill=(0, 0, 0))
+    paste(_to_pixels(r), 0, 0)
+    paste(_to_pixels(gamma, 0.0, float(gamma.max())), 1, 0)
+    for row, samples in ((1, benign), (2, triggered)):
+        for i, x in enumerate(samples):
+            paste(_to_pixels(x, -1.0, 1.0), i, row)  # samples are images in [-1, 1]
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,195 @@
+"""The model scan, end to end: load -> denoiser -> reverse -> features -> verdict -> report.
+
+`scan_model` returns everything in memory; `write_artefacts` puts it on disk. The CLI is a thin
+layer over these two, and so is any service that scans models from Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import TOOL_NAME, __version__
+from .denoisers import make_denoiser
+from .detection import judge, kl_features
+from .errors import ScanError
+from .presets import DEFAULT_PRESET, PRESETS, settings_for
+from .reference import Reference, shipped_reference
+from .report import to_json, trigger_image, write_atomic
+from .reversion import reverse_trigger
+from .trigger import Trigger
+
+
+@dataclass
+class ScanOptions:
+    preset: str = DEFAULT_PRESET
+    overrides: dict = field(default_factory=dict)  # ReversionSettings fields; None values are ignored
+    seed: int = 0
+    device: str = "auto"
+    reference: str | None = None  # path of a reference JSON; default: the one shipped for the preset
+    revision: str | None = None
+    token: str | None = None
+    cache_dir: str | None = None
+    allow_pickle: bool = False
+    config: str | None = None
+    preview_samples: int = 6
+    preview_steps: int = 1000  # DDPM ancestral steps for the images in trigger.png (0: no previews)
+
+
+@dataclass
+class ScanResult:
+    report: dict
+    trigger: Trigger
+    previews: tuple[torch.Tensor, torch.Tensor] | None  # (from benign noise, from the trigger)
+    trace: dict
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ScanError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ScanError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ScanError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def load_reference(options: ScanOptions) -> Reference:
+    if options.reference:
+        return Reference.load(options.reference)
+    ref = shipped_reference(options.preset)
+    if ref is None:
+        raise ScanError(f"no benign reference is shipped for preset {options.preset!r}; "
+                        "make one with 'terd-scan calibrate' and pass --reference")
+    return ref
+
+
+def weights_fingerprint(provenance: dict) -> str:
+    """sha256 over the sha256s of the files that define the model (for caching reversions)."""
+    h = hashlib.sha256()
+    for f in sorted(provenance.get("files", []), key=lambda f: f["path"]):
+        h.update(f"{f['path']}\0{f['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def scan_model(source: str, options: ScanOptions | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
+    from .loading import load_model
+
+    options = options or ScanOptions()
+    if options.preset not in PRESETS:
+        raise ScanError(f"unknown preset {options.preset!r}; use one of {', '.join(PRESETS)}")
+    started = time.perf_counter()
+    reference = load_reference(options)
+    device = pick_device(options.device)
+    loaded = load_model(source, revision=options.revision, token=options.token, cache_dir=options.cache_dir,
+                        allow_pickle=options.allow_pickle, config=options.config)
+    denoiser = make_denoiser(loaded, device)
+    settings = settings_for(options.preset, **options.overrides)
+    torch.manual_seed(options.seed)
+
+    result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
+    features = kl_features(result.r, result.gamma)
+    verdict = judge(features, reference)
+    reversion_seconds = time.perf_counter() - started
+
+    previews = None
+    if options.preview_samples > 0 and options.preview_steps > 0:
+        gen = torch.Generator(device=device).manual_seed(options.seed + 1)
+        shape = (options.preview_samples, *denoiser.input_shape)
+        noise = torch.randn(shape, generator=gen, device=device)
+        r, g = result.r.to(device), result.gamma.to(device)
+        if progress:
+            progress("previews: sampling", 0, 1)
+        both = denoiser.ancestral_sample(torch.cat([noise, g * noise + r]), options.preview_steps, generator=gen)
+        previews = (both[: shape[0]].cpu(), both[shape[0]:].cpu())
+        if progress:
+            progress("previews: sampling", 1, 1)
+
+    provenance = loaded.provenance.to_dict()
+    settings_dict = {"preset": options.preset, **settings.to_dict(), "seed": options.seed, "device": str(device)}
+    warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
+                for mm in [reference.mismatches(settings_dict)] if mm]
+    model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
+                  "pipeline_class": loaded.pipeline_class}
+    report = {
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "diffusers": _version("diffusers"), "huggingface_hub": _version("huggingface_hub"),
+                        "safetensors": _version("safetensors")},
+        "source": provenance,
+        "model": model_info,
+        "settings": settings_dict,
+        "features": features.to_dict(),
+        "thresholds": {**reference.thresholds(), "origin": reference.origin},
+        "reference": reference.summary(),
+        "verdict": verdict.verdict,
+        "reasons": verdict.reasons,
+        "trigger": {"r_mean": float(result.r.mean()), "r_abs_mean": float(result.r.abs().mean()),
+                    "gamma_mean": float(result.gamma.mean()), "gamma_min": float(result.gamma.min()),
+                    "gamma_max": float(result.gamma.max())},
+        "timing": {"seconds": round(time.perf_counter() - started, 3),
+                   "reversion_seconds": round(reversion_seconds, 3),
+                   "stage1_seconds": round(result.seconds["stage1"], 3),
+                   "stage2_seconds": round(result.seconds["stage2"], 3),
+                   "network_evaluations": result.network_evaluations,
+                   "preview_network_evaluations": denoiser.evaluations - result.network_evaluations},
+        "warnings": warnings,
+        "artefacts": {},
+    }
+    trigger = Trigger(r=result.r, gamma=result.gamma, metadata={
+        "model": loaded.name, "source": source, "weights_fingerprint": weights_fingerprint(provenance),
+        "files": {f["path"]: f["sha256"] for f in provenance.get("files", [])},
+        "settings": settings_dict, "features": features.to_dict(), "verdict": verdict.verdict,
+        "tool_version": __version__})
+    return ScanResult(report=report, trigger=trigger, previews=previews, trace=result.trace)
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def default_out_dir(result: ScanResult) -> Path:
+    return Path("terd-scan-out") / result.report["model"]["name"]
+
+
+def write_artefacts(result: ScanResult, out_dir: str | Path) -> dict:
+    """report.json, trigger.png, trigger.safetensors and trace.json, each written atomically,
+    report.json last (its presence means the set is complete)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScanError(f"cannot create output folder {out}: {exc.strerror}; pass another --out") from None
+    paths = {"report_json": str(out / "report.json"), "trigger_safetensors": str(out / "trigger.safetensors"),
+             "trace_json": str(out / "trace.json")}
+    if result.previews is not None:
+        paths["trigger_png"] = str(out / "trigger.png")
+    result.report["artefacts"] = paths
+    try:
+        result.trigger.save(paths["trigger_safetensors"])
+        if result.previews is not None:
+            write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, *result.previews))
+        write_atomic(paths["trace_json"], json.dumps(result.trace).encode())
+        write_atomic(paths["report_json"], to_json(result.report).encode())
+    except OSError as exc:
+        raise ScanError(f"cannot write to {out}: {exc.strerror}; pass another --out") from None
+    return paths
