@@ -353,9 +353,10 @@ def render_rich(result: InputsResult, console, skip_errors: bool = False) -> Non
     console.print(table)
     t = result.trigger
     src = t.get("path") or "(in memory)"
-    model = t.get("metadata", {}).get("model") or t.get("metadata", {}).get("source")
+    meta = t.get("metadata", {})
+    origin = next((f"{k} {meta[k]}" for k in ("model", "source") if meta.get(k)), "")
     console.print(f"trigger: {escape(str(src))}  shape {tuple(t['shape'])}"
-                  + (f"  model {escape(str(model))}" if model else "")
+                  + (f"  {escape(origin)}" if origin else "")
                   + (f"  sha256 {t['sha256'][:12]}" if t.get("sha256") else ""))
     s = result.summary()
     line = (f"threshold {result.threshold:g}: {s['files']} file(s), {s['noises']} noise(s), "

@@ -1,0 +1,179 @@
+"""`terd-scan inputs NOISE_PATH`: flag starting noises that carry a reversed trigger.
+
+The lead's cli.py registers it with `app.command("inputs")(inputs_command)`. The command is
+self-contained: every failure becomes one line on stderr and exit code 2 (never a traceback);
+0 = no poisoned noise, 1 = at least one poisoned noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import ScanError
+
+EXIT_CLEAN, EXIT_POISONED, EXIT_ERROR = 0, 1, 2
+# Show a progress bar (stderr, TTY, rich format only) from this many files on.
+PROGRESS_MIN_FILES = 8
+
+
+class OutputFormat(str, Enum):
+    rich = "rich"
+    json = "json"
+
+
+def trigger_from_model(model: str):
+    """Reverse (or reuse a cached reversal of) MODEL and return (Trigger, path of its trigger.safetensors).
+
+    Placeholder until the lead wires the `terd-scan model` library call in here."""
+    raise ScanError(f"--model is not available yet (cannot reverse {model!r} from 'inputs'); run "
+                    "'terd-scan model SOURCE --out DIR' and pass --trigger DIR/trigger.safetensors")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def _fail(msg: str) -> "typer.Exit":
+    sys.stderr.write(f"error: {_one_line(msg)}\n")
+    sys.stderr.flush()
+    return typer.Exit(EXIT_ERROR)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        raise ScanError(f"cannot write report {path}: {exc.strerror or exc} (choose a writable --out path)") from None
+
+
+def inputs_command(
+    noise_path: Annotated[Path, typer.Argument(
+        metavar="NOISE_PATH", show_default=False,
+        help="Directory of noise files (.safetensors, .npy, .npz, .pt/.pth; format read from the bytes) "
+             "or a single noise file. Each tensor is one noise (C,H,W) or a batch (N,C,H,W).")],
+    trigger: Annotated[Optional[Path], typer.Option(
+        "--trigger", "-t", metavar="PATH", show_default=False,
+        help="trigger.safetensors written by 'terd-scan model'.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", metavar="SOURCE", show_default=False,
+        help="Reverse this model first (as 'terd-scan model') and use its trigger. Not available yet.")] = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="Flag a noise when log N(x; r, gamma^2) - log N(x; 0, I) > threshold.")] = 0.0,
+    recursive: Annotated[bool, typer.Option(
+        "--recursive", "-r", help="Also scan subdirectories (hidden ones are skipped).")] = False,
+    skip_errors: Annotated[bool, typer.Option(
+        "--skip-errors", help="Report unreadable/mismatched files but let the exit code reflect the verdicts "
+                              "of the noises that were scored.")] = False,
+    output_format: Annotated[OutputFormat, typer.Option(
+        "--format", "-f", case_sensitive=False,
+        help="rich: table on stdout; json: one JSON document on stdout, nothing else.")] = OutputFormat.rich,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", metavar="FILE", show_default=False,
+        help="Also write the JSON report to FILE (atomically).")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No table and no progress bar; the exit code carries the verdict.")] = False,
+) -> None:
+    """Flag starting noises x_T that carry a reversed trigger N(r, gamma^2).
+
+    Exit codes: 0 no poisoned noise, 1 at least one poisoned noise, 2 error.
+    """
+    try:
+        code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet)
+    except typer.Exit:
+        raise
+    except ScanError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+    except MemoryError:
+        raise _fail("out of memory while scoring noises (split the directory or use smaller batch files)") from None
+    except Exception as exc:  # never a traceback, never exit 1 (which means "poisoned")
+        raise _fail(f"internal error: {type(exc).__name__}: {exc} (please report this bug)") from None
+    raise typer.Exit(code)
+
+
+def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], threshold: float,
+         recursive: bool, skip_errors: bool, output_format: OutputFormat, out: Optional[Path],
+         quiet: bool) -> int:
+    from . import TOOL_NAME, __version__
+    from .input_detection import render_rich, scan_noise_path
+    from .trigger import Trigger
+
+    if (trigger_path is None) == (model is None):
+        raise ScanError("pass exactly one of --trigger PATH (a trigger.safetensors written by "
+                        "'terd-scan model') or --model SOURCE")
+    if not math.isfinite(threshold):
+        raise ScanError(f"--threshold must be a finite number, got {threshold}")
+    if not noise_path.exists():
+        raise ScanError(f"noise path not found: {noise_path} (pass a directory of noise files or a noise file)")
+    if trigger_path is not None:
+        trig = Trigger.load(trigger_path)
+    else:
+        trig, trigger_path = trigger_from_model(model)
+
+    as_json = output_format == OutputFormat.json
+    show_progress = not (as_json or quiet) and sys.stderr.isatty()
+    exclude = [p for p in (out, trigger_path) if p is not None]
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err_console = Console(stderr=True)
+    progress = Progress(TextColumn("scoring noises"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True, disable=not show_progress)
+    task = {}
+
+    def on_start(n: int) -> None:
+        if n >= PROGRESS_MIN_FILES:
+            progress.start()
+            task["id"] = progress.add_task("scoring", total=n)
+
+    def on_file(_p) -> None:
+        if "id" in task:
+            progress.advance(task["id"])
+
+    try:
+        result = scan_noise_path(noise_path, trig, recursive=recursive, threshold=threshold,
+                                 exclude=exclude, on_start=on_start, on_file=on_file)
+    finally:
+        progress.stop()
+    # The report names the trigger file as given, hashes it, and records the tool.
+    from .input_detection import trigger_summary
+
+    result.trigger = trigger_summary(trig, trigger_path)
+    doc = result.to_dict(tool=TOOL_NAME, version=__version__)
+    text = json.dumps(doc, allow_nan=False)
+    if out is not None:
+        _write_atomic(out, text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    elif not quiet:
+        render_rich(result, Console(), skip_errors=skip_errors)
+        if out is not None:
+            Console().print(f"report written to {out}", markup=False, highlight=False)
+    return result.exit_code(skip_errors)
