@@ -1,0 +1,325 @@
+"""Load an unconditional diffusers UNet2DModel (and its noise schedule) from a local folder, a single
+weights file or a Hub repo, without running any code from the source.
+
+Never calls DiffusionPipeline.from_pretrained on the source: model_index.json, the UNet config and
+the scheduler config are read as JSON data and allow-listed; the UNet is built from its validated
+config on the meta device (no allocation), the weights file is checked against it (keys, shapes,
+dtypes) and only then are the tensors loaded, checked for NaN/Inf and assigned (strict).
+
+Layouts:
+  pipeline folder   model_index.json + unet/ + scheduler/            (save_pretrained, BadDiffusion)
+  flat legacy       model_index.json + config.json + weights + scheduler_config.json at the root
+                    (google/ddpm-cifar10-32)
+  bare UNet         config.json + weights [+ scheduler_config.json]  (else default DDPM schedule)
+  single file       x.safetensors with config= or a config.json beside it
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from . import safety
+from .errors import ScanError, UnsafeFileError
+from .sources import ResolvedSource, resolve_source
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import UNet2DModel
+
+DEFAULT_SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+    "beta_schedule": "linear", "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True,
+    "prediction_type": "epsilon",
+}
+DEFAULT_SCHEDULE_ORIGIN = "default: DDPM linear 1e-4..0.02, 1000 steps (no scheduler config found)"
+DEFAULT_SCHEDULE_NOTE = "no scheduler config: standard DDPM linear schedule (1e-4..0.02), 1000 steps"
+
+WEIGHT_NAMES_SAFE = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+WEIGHT_NAMES_PICKLE = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+@dataclass
+class FileRecord:
+    path: str  # relative to the source root
+    sha256: str
+    size: int
+    role: str  # "weights" | "config" | "scheduler" | "model_index"
+    format: str  # "safetensors" | "pickle" | "json"
+
+
+@dataclass
+class Provenance:
+    source: str
+    kind: str  # "local" | "hub"
+    root: str
+    repo_id: str | None = None
+    requested_revision: str | None = None
+    resolved_commit: str | None = None
+    files: list[FileRecord] = field(default_factory=list)
+    pickle_loaded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    unet: "UNet2DModel"
+    unet_config: dict
+    scheduler_config: dict
+    schedule_origin: str
+    pipeline_class: str | None
+    provenance: Provenance
+
+
+def _rel(root: str, path: str) -> str:
+    rel = os.path.relpath(path, root)
+    return rel.replace(os.sep, "/")
+
+
+class _Reader:
+    """Reads files of one source, records a FileRecord for each."""
+
+    def __init__(self, src: ResolvedSource):
+        self.src = src
+        self.files: list[FileRecord] = []
+
+    def rel(self, path: str) -> str:
+        return _rel(self.src.root, path)
+
+    def json(self, path: str, role: str, what: str) -> dict:
+        cfg, rf = safety.read_json_config(path, what, allowed_root=self._allowed(path))
+        self.files.append(FileRecord(self.rel(path), rf.sha256, rf.size, role, "json"))
+        return cfg
+
+    def weights(self, path: str) -> tuple[safety.ReadFile, str]:
+        rf = safety.read_bytes(path, limit=safety.MAX_WEIGHT_BYTES, what="weight file",
+                               allowed_root=self._allowed(path))
+        fmt = safety.sniff_format(rf.data, self.rel(path))
+        return rf, fmt
+
+    def record_weights(self, path: str, rf: safety.ReadFile, fmt: str) -> None:
+        self.files.append(FileRecord(self.rel(path), rf.sha256, rf.size, "weights", fmt))
+
+    def _allowed(self, path: str) -> str:
+        # an explicit config= outside the source folder is the user's own file: no link boundary
+        root = os.path.realpath(self.src.root)
+        ap = os.path.abspath(path)
+        if os.path.commonpath([ap, os.path.abspath(self.src.root)]) != os.path.abspath(self.src.root):
+            return os.path.dirname(os.path.realpath(ap)) or root
+        return self.src.allowed_root
+
+
+def _find_weights(folder: str, rel_folder: str, notes: list[str]) -> str:
+    """Pick the weights file of a component folder: safetensors first, pickles as a fallback."""
+    safe = [os.path.join(folder, n) for n in WEIGHT_NAMES_SAFE if os.path.isfile(os.path.join(folder, n))]
+    if not safe:
+        others = sorted(p for p in glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isfile(p))
+        if len(others) > 1:
+            raise ScanError(f"several .safetensors files in {rel_folder or '.'} ({', '.join(os.path.basename(p) for p in others[:4])})"
+                            "; keep one, or pass the file itself with --config")
+        safe = others
+    if not safe and glob.glob(os.path.join(folder, "*.safetensors.index.json")):
+        raise ScanError(f"sharded weights in {rel_folder or '.'} are not supported yet; merge the shards into one "
+                        "diffusion_pytorch_model.safetensors")
+    pickles = [os.path.join(folder, n) for n in WEIGHT_NAMES_PICKLE if os.path.isfile(os.path.join(folder, n))]
+    if not pickles:
+        pickles = sorted(p for suf in safety.PICKLE_SUFFIXES for p in glob.glob(os.path.join(folder, "*" + suf))
+                         if os.path.isfile(p))
+    if safe:
+        if pickles:
+            notes.append(f"{rel_folder or '.'}: safetensors and pickle weights both present; used "
+                         f"{os.path.basename(safe[0])}, never opened {', '.join(os.path.basename(p) for p in pickles[:3])}")
+        return safe[0]
+    if len(pickles) == 1:
+        return pickles[0]
+    if len(pickles) > 1:
+        raise ScanError(f"several pickle weight files in {rel_folder or '.'} "
+                        f"({', '.join(os.path.basename(p) for p in pickles[:4])}); keep one, or convert it to "
+                        "diffusion_pytorch_model.safetensors")
+    raise ScanError(f"no weights in {rel_folder or '.'}: expected diffusion_pytorch_model.safetensors beside "
+                    "config.json; re-save the model with save_pretrained")
+
+
+def _refuse_code(folder: str, rel_folder: str) -> None:
+    py = sorted(glob.glob(os.path.join(folder, "*.py")))
+    if py:
+        raise UnsafeFileError(f"{rel_folder or '.'} holds Python code ({os.path.basename(py[0])}) beside the model; "
+                              "terd-scan never runs code from a model: remove it or scan a clean copy")
+
+
+def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes: list[str]):
+    """Decide which files make the model. Returns (pipeline_class, unet_dir, unet_config_path, sched_path)."""
+    root = src.root
+    index_path = os.path.join(root, "model_index.json")
+    pipeline_class = None
+    if os.path.isfile(index_path):
+        index = reader.json(index_path, "model_index", "model_index.json")
+        pipeline_class, components = safety.check_model_index(index, reader.rel(index_path))
+        unet_key = "unet" if "unet" in components else "model"
+        unet_dir = os.path.join(root, unet_key)
+        if not os.path.isdir(unet_dir):
+            unet_dir = root  # flat legacy layout (google/ddpm-*)
+        if unet_dir != root:
+            _refuse_code(unet_dir, reader.rel(unet_dir))
+            if os.path.isfile(os.path.join(root, "config.json")):
+                notes.append(f"root config.json ignored: model_index.json names the UNet in {unet_key}/")
+        sched_dir = os.path.join(root, "scheduler")
+        if os.path.isdir(sched_dir):
+            _refuse_code(sched_dir, "scheduler")
+        sched = None
+        if "scheduler" in components:
+            for cand in (os.path.join(sched_dir, "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
+                if os.path.isfile(cand):
+                    sched = cand
+                    break
+            if sched is None:
+                notes.append("model_index.json names a scheduler but its scheduler_config.json is missing")
+    elif os.path.isfile(os.path.join(root, "config.json")) or config:
+        unet_dir = root
+        sched = next((c for c in (os.path.join(root, "scheduler_config.json"),
+                                  os.path.join(root, "scheduler", "scheduler_config.json")) if os.path.isfile(c)), None)
+    elif os.path.isfile(os.path.join(root, "unet", "config.json")):
+        unet_dir = os.path.join(root, "unet")
+        _refuse_code(unet_dir, "unet")
+        notes.append("no model_index.json: used unet/ as the UNet folder")
+        sched = next((c for c in (os.path.join(root, "scheduler", "scheduler_config.json"),
+                                  os.path.join(root, "scheduler_config.json")) if os.path.isfile(c)), None)
+    else:
+        try:
+            entries = os.listdir(root)
+        except OSError:
+            entries = []
+        what = "the folder is empty" if not entries else "no model_index.json or config.json in it"
+        raise ScanError(f"no model found in {src.source}: {what}; pass a diffusers model folder (model_index.json, "
+                        "unet/, scheduler/) or a UNet folder (config.json + diffusion_pytorch_model.safetensors)")
+    unet_cfg_path = os.path.abspath(config) if config else os.path.join(unet_dir, "config.json")
+    return pipeline_class, unet_dir, unet_cfg_path, sched
+
+
+def load_model(source: str, *, revision: str | None = None, token: str | None = None,
+               cache_dir: str | None = None, allow_pickle: bool = False, config: str | None = None) -> LoadedModel:
+    """Load the UNet and noise schedule of `source` (folder, weights file, or Hub `org/name[@rev]`).
+
+    Raises ScanError (one-line message) for anything wrong with the source; UnsupportedModelError for
+    model kinds terd-scan cannot scan; UnsafeFileError for refused pickles or code.
+    """
+    src = resolve_source(source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    notes = list(src.notes)
+    reader = _Reader(src)
+
+    if config is not None and not os.path.isfile(config):
+        raise ScanError(f"config file not found: {config}; pass the UNet's config.json")
+
+    if src.weights_file is not None:  # a single weights file
+        pipeline_class = None
+        cfg_path = os.path.abspath(config) if config else os.path.join(src.root, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ScanError(f"no config for {source}: pass --config <UNet config.json> or put config.json beside "
+                            "the weights file")
+        sched = os.path.join(src.root, "scheduler_config.json")
+        sched = sched if os.path.isfile(sched) else None
+        weights_path = src.weights_file
+        unet_dir = src.root
+    else:
+        pipeline_class, unet_dir, cfg_path, sched = _plan_folder(src, reader, config, notes)
+        weights_path = None
+
+    # UNet config: JSON data, checked before anything is built
+    unet_cfg = reader.json(cfg_path, "config", "UNet config")
+    safety.check_unet_config(unet_cfg, reader.rel(cfg_path) if not config else config)
+
+    # scheduler config
+    if sched is not None:
+        sched_cfg = reader.json(sched, "scheduler", "scheduler config")
+        safety.check_scheduler_config(sched_cfg, reader.rel(sched))
+        sched_cfg = dict(sched_cfg)
+        sched_cfg.setdefault("_class_name", "DDPMScheduler")
+        schedule_origin = f"{reader.rel(sched)} ({sched_cfg['_class_name']})"
+        if "prediction_type" not in sched_cfg:
+            notes.append("scheduler config has no prediction_type: diffusers' default 'epsilon' applies")
+    else:
+        sched_cfg = dict(DEFAULT_SCHEDULER_CONFIG)
+        schedule_origin = DEFAULT_SCHEDULE_ORIGIN
+        notes.append(DEFAULT_SCHEDULE_NOTE)
+
+    # build on the meta device: exact parameter count and expected shapes, nothing allocated
+    meta_unet = _build_unet(unet_cfg, meta=True, where=reader.rel(cfg_path))
+    n_params = sum(p.numel() for p in meta_unet.parameters())
+    if n_params > safety.MAX_PARAMS:
+        raise ScanError(f"{reader.rel(cfg_path)} describes a UNet of {n_params:.2e} parameters (limit "
+                        f"{safety.MAX_PARAMS:.0e}); refusing to allocate it")
+    expected = {k: tuple(v.shape) for k, v in meta_unet.state_dict().items()}
+
+    # weights
+    if weights_path is None:
+        weights_path = _find_weights(unet_dir, reader.rel(unet_dir) if unet_dir != src.root else "", notes)
+    rel_w = reader.rel(weights_path)
+    rf, fmt = reader.weights(weights_path)
+    pickle_loaded = False
+    if fmt == "safetensors":
+        sd = safety.load_safetensors_bytes(rf, expected)
+    else:
+        if not allow_pickle:
+            safety.refuse_pickle(rf, rel_w)
+        sd = safety.load_pickle_bytes(rf, rel_w)
+        pickle_loaded = True
+        notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
+    reader.record_weights(weights_path, rf, fmt)
+    del rf
+    sd = safety.check_state_dict(sd, expected, rel_w)
+    unet = _assign(meta_unet, sd, rel_w)
+
+    prov = Provenance(source=source, kind=src.kind, root=src.root, repo_id=src.repo_id,
+                      requested_revision=src.requested_revision, resolved_commit=src.resolved_commit,
+                      files=reader.files, pickle_loaded=pickle_loaded, notes=notes)
+    unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
+                   if k != "_use_default_values"}
+    return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
+                       schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov)
+
+
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+
+
+def _build_unet(cfg: dict, *, meta: bool, where: str):
+    import inspect
+
+    import torch
+    from diffusers import UNet2DModel
+
+    _quiet_diffusers()
+    params = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in params}
+    try:
+        if meta:
+            with torch.device("meta"):
+                return UNet2DModel(**kwargs)
+        return UNet2DModel(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/TypeError/AssertionError for bad configs
+        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ScanError(f"invalid UNet2DModel config {where}: {msg}; fix or regenerate the config") from None
+
+
+def _assign(meta_unet, sd: dict, rel_w: str):
+    """Put the checked fp32 tensors into the meta-built UNet (strict: every key, every shape)."""
+    try:
+        missing, unexpected = meta_unet.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ScanError(f"weights in {rel_w} do not fit the UNet: {str(exc).splitlines()[0][:160]}; the config and "
+                        "the weights come from different models") from None
+    leftover = [n for n, t in list(meta_unet.named_parameters()) + list(meta_unet.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ScanError(f"weights in {rel_w} leave {len(leftover)} UNet tensors unset (e.g. {leftover[0]}); "
+                        "the config and the weights come from different models")
+    meta_unet.to("cpu", dtype=__import__("torch").float32)
+    meta_unet.eval()
+    meta_unet.requires_grad_(False)
+    return meta_unet

@@ -1,0 +1,194 @@
+"""Where a model comes from: a local folder, a single weights file, or a Hub repo id[@revision].
+
+A Hub source is resolved to one commit sha once, and exactly that commit is downloaded (only
+JSON configs and safetensors, plus pickles when the user allowed them), so a branch that moves
+during a scan cannot change what is scanned. The Hub is reached only through huggingface_hub.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import ScanError
+
+REPO_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})"
+                        r"(?:@(?P<rev>[^\s@]{1,200}))?$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+SAFE_PATTERNS = ["model_index.json", "config.json", "*/config.json", "scheduler_config.json",
+                 "*/scheduler_config.json", "*.safetensors", "*/*.safetensors",
+                 "*.safetensors.index.json", "*/*.safetensors.index.json"]
+PICKLE_PATTERNS = ["*.bin", "*/*.bin", "*.pt", "*/*.pt", "*.pth", "*/*.pth", "*.ckpt", "*/*.ckpt"]
+
+
+@dataclass
+class ResolvedSource:
+    source: str  # what the user typed
+    kind: str  # "local" | "hub"
+    root: str  # local folder the files are read from
+    allowed_root: str  # files (after following links) must lie inside this folder
+    weights_file: str | None = None  # single-file source: absolute path of the weights
+    repo_id: str | None = None
+    requested_revision: str | None = None
+    resolved_commit: str | None = None
+    name: str = "model"
+    notes: list[str] = field(default_factory=list)
+
+
+def sanitize_name(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return name[:80] or "model"
+
+
+def parse_repo_id(source: str) -> tuple[str, str | None] | None:
+    """'org/name' or 'org/name@rev' -> (repo_id, rev); None when it is not shaped like a repo id."""
+    m = REPO_ID_RE.match(source)
+    if not m:
+        return None
+    repo = m.group("repo")
+    if ".." in repo or "--" in repo or repo.endswith(".") or repo.endswith("-"):
+        return None
+    return repo, m.group("rev")
+
+
+def resolve_source(source: str, *, revision: str | None = None, token: str | None = None,
+                   cache_dir: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
+    if not isinstance(source, str) or not source.strip():
+        raise ScanError("no model given; pass a local folder, a .safetensors file or a Hub repo id like org/name")
+    expanded = os.path.expanduser(source)
+    if os.path.lexists(expanded):
+        if revision is not None:
+            raise ScanError(f"--revision applies to Hub repos, but {source} is a local path; drop --revision")
+        return _resolve_local(source, expanded)
+    parsed = parse_repo_id(source)
+    if parsed is None:
+        raise ScanError(f"path not found: {source} (not a local file or folder, and not a Hub repo id like "
+                        "org/name[@revision]); check the path")
+    repo_id, at_rev = parsed
+    if at_rev and revision and at_rev != revision:
+        raise ScanError(f"two revisions given for {repo_id}: @{at_rev} and --revision {revision}; pass only one")
+    return resolve_hub(source, repo_id, revision or at_rev, token=token, cache_dir=cache_dir,
+                       allow_pickle=allow_pickle)
+
+
+def _resolve_local(source: str, path: str) -> ResolvedSource:
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ScanError(f"path not found: {source} is a broken link; point it at a model folder or file")
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ScanError(f"cannot read folder {source}: permission denied; fix the permissions")
+        return ResolvedSource(source=source, kind="local", root=path, allowed_root=path,
+                              name=sanitize_name(os.path.basename(os.path.realpath(path))))
+    if os.path.isfile(path):
+        root = os.path.dirname(path)
+        base = os.path.basename(path)
+        stem = base.split(".")[0] if not base.startswith("diffusion_pytorch_model") else os.path.basename(root)
+        return ResolvedSource(source=source, kind="local", root=root, allowed_root=root, weights_file=path,
+                              name=sanitize_name(stem))
+    raise ScanError(f"{source} is neither a regular file nor a folder; pass a model folder or a weights file")
+
+
+# ---------------------------------------------------------------- Hub
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        mod = type(exc).__module__ or ""
+        if isinstance(exc, (ConnectionError, TimeoutError)) or name in {
+                "ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
+                "RemoteProtocolError", "ReadError", "WriteError", "PoolTimeout"} or (
+                mod.startswith("httpx") and "Timeout" in name):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _translate_hub_error(exc: Exception, repo_id: str, revision: str | None, token_given: bool) -> ScanError:
+    from huggingface_hub import errors as e
+
+    rev = revision or "main"
+    if isinstance(exc, e.GatedRepoError):
+        return ScanError(f"{repo_id} is gated: access needs an accepted license and a token; accept the terms on "
+                         "the Hub, then pass --token or set HF_TOKEN")
+    if isinstance(exc, e.RevisionNotFoundError):
+        return ScanError(f"revision not found: {rev!r} does not exist in {repo_id}; pass an existing branch, tag "
+                         "or commit sha")
+    if isinstance(exc, e.RepositoryNotFoundError):
+        hint = ("check the repo id, or check that the token can read it" if token_given
+                else "check the repo id; if it is private or gated, pass --token or set HF_TOKEN")
+        return ScanError(f"repo not found on the Hub: {repo_id}; {hint}")
+    if isinstance(exc, (e.OfflineModeIsEnabled, e.LocalEntryNotFoundError, e.IncompleteSnapshotError,
+                        e.RevisionResolutionError)) and not _is_connection_error(exc):
+        return ScanError(f"{repo_id}@{rev} is not in the local Hugging Face cache and offline mode is on "
+                         "(HF_HUB_OFFLINE=1); download it once online or unset HF_HUB_OFFLINE")
+    if _is_connection_error(exc):
+        return ScanError(f"cannot reach the Hugging Face Hub at {_hub_endpoint()}: {_one_line(exc)}; check the "
+                         "network or use HF_HUB_OFFLINE=1 with a filled cache")
+    if isinstance(exc, e.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return ScanError(f"access to {repo_id} was denied (HTTP {status}); pass --token or set HF_TOKEN with "
+                             "a token that can read it")
+        return ScanError(f"the Hugging Face Hub at {_hub_endpoint()} answered an error for {repo_id}: "
+                         f"{_one_line(exc)}; retry later or use HF_HUB_OFFLINE=1 with a filled cache")
+    return ScanError(f"cannot download {repo_id}@{rev}: {type(exc).__name__}: {_one_line(exc)}; check the repo id, "
+                     "the revision and the network")
+
+
+def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str | None = None,
+                cache_dir: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
+    """Resolve `revision` to one commit sha, then download exactly that commit."""
+    from huggingface_hub import HfApi, constants, errors, snapshot_download
+
+    token = token or None  # None lets huggingface_hub use HF_TOKEN / the saved token
+    token_given = bool(token or os.environ.get("HF_TOKEN"))
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        if offline:
+            from huggingface_hub import resolve_revision
+
+            sha = str(resolve_revision(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True).resolved)
+        else:
+            info = HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, revision=revision, token=token)
+            sha = info.sha
+        if not isinstance(sha, str) or not SHA_RE.match(sha):
+            raise ScanError(f"the Hub returned no commit sha for {repo_id}@{revision or 'main'}; retry, or pass "
+                            "--revision <40-hex commit>")
+        patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+        path = snapshot_download(repo_id, revision=sha, cache_dir=cache_dir, token=token,
+                                 allow_patterns=patterns, local_files_only=offline)
+    except ScanError:
+        raise
+    except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError,
+            errors.IncompleteSnapshotError, errors.RevisionResolutionError, OSError, ValueError) as exc:
+        raise _translate_hub_error(exc, repo_id, revision, token_given) from None
+    except Exception as exc:  # noqa: BLE001 - httpx2 transport errors and the like
+        if _is_connection_error(exc):
+            raise _translate_hub_error(exc, repo_id, revision, token_given) from None
+        raise
+    path = os.path.abspath(path)
+    # the snapshot links into blobs/ of the same repo cache folder: that is the boundary for links
+    allowed = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+    notes = []
+    if offline:
+        notes.append(f"offline: {repo_id}@{revision or 'main'} read from the local cache (commit {sha})")
+    return ResolvedSource(source=source, kind="hub", root=path, allowed_root=allowed, repo_id=repo_id,
+                          requested_revision=revision, resolved_commit=sha,
+                          name=sanitize_name(repo_id.split("/")[-1]), notes=notes)

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests never reach the network: the Hub is a loopback server (tests/fake_hub.py)
+and HF_HOME points at a temporary folder for the whole session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+# before huggingface_hub is imported anywhere: no real cache, no token, no telemetry
+_HF_HOME = tempfile.mkdtemp(prefix="terd-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # discard port: nothing real is ever reached
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+import fixtures_models as fm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    return fm.make_unet(seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tiny_unet):
+    """One tiny model saved in every layout: {"pipeline", "flat", "bare", "bare_sched", "baddiffusion"}."""
+    base = tmp_path_factory.mktemp("models")
+    return {
+        "pipeline": fm.save_pipeline(base / "pipeline", tiny_unet),
+        "flat": fm.save_flat(base / "flat", tiny_unet),
+        "bare": fm.save_bare(base / "bare", tiny_unet),
+        "bare_sched": fm.save_bare(base / "bare_sched", tiny_unet, scheduler=fm.make_scheduler("DDIMScheduler")),
+        "baddiffusion": fm.save_baddiffusion(base / "baddiffusion", tiny_unet),
+    }
