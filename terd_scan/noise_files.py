@@ -89,12 +89,13 @@ def sniff_format(path: str | os.PathLike) -> str:
         return FORMAT_NPY
     if head.startswith(_ZIP_MAGIC) or head.startswith(_EMPTY_ZIP_MAGIC):
         return _sniff_zip(path)
-    if head[:1] == b"\x80":
-        return FORMAT_PICKLE
+    # Before the pickle test: a header length of 128..255 makes a safetensors file start with 0x80.
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= _SAFETENSORS_MAX_HEADER and head[8:9] == b"{":
             return FORMAT_SAFETENSORS
+    if head[:1] == b"\x80":
+        return FORMAT_PICKLE
     return FORMAT_UNKNOWN
 
 
@@ -331,7 +332,9 @@ def _read_torch(path: Path) -> list[NoiseTensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4" from the restricted unpickler
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # A file object, not the path: torch.load must not pick a loader from the file name.
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
         if type(exc).__name__ == "UnpicklingError" or "Weights only load failed" in text:
