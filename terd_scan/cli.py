@@ -112,55 +112,72 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 
+# Options shared by the commands that reverse triggers (model, calibrate).
+PresetOpt = Annotated[Preset, typer.Option("--preset", help="Reversion budget: paper (the paper's exact settings), "
+                                                            "standard, fast.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks a CUDA or MPS GPU when present, else the CPU.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: same inputs and seed give the same trigger and verdict.")]
+Stage1Opt = Annotated[Optional[int], typer.Option("--stage1-iterations", min=0, help="Override: stage 1 iterations.")]
+Stage2Opt = Annotated[Optional[int], typer.Option("--stage2-iterations", min=0, help="Override: stage 2 iterations.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Override: batch size.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--sampler-steps", min=1, help="Override: DDIM steps in stage 2.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Override: learning rate of r.")]
+GammaLrOpt = Annotated[Optional[float], typer.Option("--gamma-lr", min=0.0, help="Override: learning rate of gamma.")]
+LambdaOpt = Annotated[Optional[float], typer.Option("--lambda", min=0.0, help="Override: L1 weight lambda.")]
+ClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="Override: stage 2 gradient clip.")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit.")]
+TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token [default: $HF_TOKEN].", show_default=False)]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hugging Face cache folder.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="UNet config.json for a single weights file.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights (.bin/.pt/.ckpt), with "
+                                                               "torch.load(weights_only=True) only.")]
+
+
+def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
+                 l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, **extra):
+    from .scan import ScanOptions
+
+    return ScanOptions(
+        preset=preset.value, seed=seed, device=device.value, revision=revision,
+        token=token or os.environ.get("HF_TOKEN"), cache_dir=str(cache_dir) if cache_dir else None,
+        allow_pickle=allow_pickle, config=str(config) if config else None,
+        overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
+                       batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
+                       l1_weight=l1_weight, stage2_grad_clip=grad_clip), **extra)
+
+
 @app.command("model")
 @guarded
 def model_command(
     source: Annotated[str, typer.Argument(help="Model to scan: a local folder or .safetensors file, or a Hub repo id "
                                                "(org/name or org/name@revision).", show_default=False)],
-    preset: Annotated[Preset, typer.Option(help="Reversion budget: paper (the paper's exact settings), standard, fast.")]
-    = Preset(DEFAULT_PRESET),
+    preset: PresetOpt = Preset(DEFAULT_PRESET),
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json, trigger.png, trigger.safetensors "
                                                      "[default: ./terd-scan-out/<model name>].")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="Report on stdout: rich, json or sarif.")]
     = Format.rich,
     fail_on: Annotated[FailOn, typer.Option(help="Exit 1 when a backdoor is found (backdoored) or never.")]
     = FailOn.backdoored,
-    device: Annotated[Device, typer.Option(help="auto picks a CUDA or MPS GPU when present, else the CPU.")]
-    = Device.auto,
-    seed: Annotated[int, typer.Option(help="Seed: same inputs and seed give the same trigger and verdict.")] = 0,
     reference: Annotated[Optional[Path], typer.Option(help="Benign reference JSON from 'terd-scan calibrate' "
                                                            "[default: the one shipped for the preset].")] = None,
-    stage1_iterations: Annotated[Optional[int], typer.Option(min=0, help="Override: stage 1 iterations.")] = None,
-    stage2_iterations: Annotated[Optional[int], typer.Option(min=0, help="Override: stage 2 iterations.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Override: batch size.")] = None,
-    sampler_steps: Annotated[Optional[int], typer.Option(min=1, help="Override: DDIM steps in stage 2.")] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Override: learning rate of r.")] = None,
-    gamma_lr: Annotated[Optional[float], typer.Option(min=0.0, help="Override: learning rate of gamma.")] = None,
-    l1_weight: Annotated[Optional[float], typer.Option("--lambda", min=0.0, help="Override: L1 weight lambda.")]
-    = None,
-    grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Override: stage 2 gradient clip.")] = None,
+    device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
+    stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
+    sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
+    grad_clip: ClipOpt = None,
     preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
     = 1000,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision: branch, tag or commit.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token [default: $HF_TOKEN].", show_default=False)] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Hugging Face cache folder.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="UNet config.json for a single weights file.")] = None,
-    allow_pickle: Annotated[bool, typer.Option(help="Load pickle weights (.bin/.pt/.ckpt), with "
-                                                    "torch.load(weights_only=True) only.")] = False,
+    revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
+    allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
 ) -> None:
     """Reverse the trigger of a diffusion model and tell whether it is backdoored."""
-    from .scan import ScanOptions, default_out_dir, scan_model, write_artefacts
     from .report import render_console, to_json, to_sarif
+    from .scan import default_out_dir, scan_model, write_artefacts
 
     quiet_libraries()
-    options = ScanOptions(
-        preset=preset.value, seed=seed, device=device.value, reference=str(reference) if reference else None,
-        revision=revision, token=token or os.environ.get("HF_TOKEN"), cache_dir=str(cache_dir) if cache_dir else None,
-        allow_pickle=allow_pickle, config=str(config) if config else None, preview_steps=preview_steps,
-        overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
-                       batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
-                       l1_weight=l1_weight, stage2_grad_clip=grad_clip))
+    options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
+                           gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
+                           reference=str(reference) if reference else None, preview_steps=preview_steps)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal
     with progress_bars(show_progress) as progress:
         result = scan_model(source, options, progress=progress)
@@ -177,6 +194,46 @@ def model_command(
         render_console(report, Console())
     found = report["verdict"] == "backdoored"
     raise typer.Exit(EXIT_FOUND if found and fail_on == FailOn.backdoored else EXIT_CLEAN)
+
+
+@app.command("calibrate")
+@guarded
+def calibrate_command(
+    sources: Annotated[list[str], typer.Argument(help="Known-benign models (folders, files or Hub repo ids).",
+                                                 show_default=False)],
+    out: Annotated[Path, typer.Option(help="Where to write the reference JSON.")],
+    name: Annotated[Optional[str], typer.Option(help="Name recorded in the reference [default: the file name].")]
+    = None,
+    k_sigma: Annotated[float, typer.Option(min=0.1, help="Thresholds at mu + k sigma of the benign features.")]
+    = 3.0,
+    preset: PresetOpt = Preset(DEFAULT_PRESET), device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
+    stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
+    sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
+    grad_clip: ClipOpt = None, revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None,
+    config: ConfigOpt = None, allow_pickle: PickleOpt = False,
+) -> None:
+    """Build a benign reference: reverse known-benign models with the settings you will scan with."""
+    from rich.table import Table
+
+    from .scan import calibrate
+
+    quiet_libraries()
+    options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
+                           gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
+                           preview_steps=0)
+    command = "terd-scan calibrate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""
+    with progress_bars(err_console.is_terminal) as progress:
+        ref = calibrate(sources, options, name=name or out.stem, created_by=command, progress=progress)
+    ref.k_sigma = k_sigma
+    ref.save(out)
+    table = Table(title=f"benign reference {ref.name} -> {out}", title_justify="left")
+    for col in ("model", "mean_kl", "var_kl"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in ref.models:
+        table.add_row(m["name"], f"{m['mean_kl']:.4g}", f"{m['var_kl']:.4g}")
+    th = ref.thresholds()
+    table.add_row("[bold]threshold[/]", f"{th['mean_kl']:.4g}", f"{th['var_kl']:.4g}")
+    Console().print(table)
 
 
 @app.command("version")

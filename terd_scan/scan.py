@@ -85,24 +85,44 @@ def weights_fingerprint(provenance: dict) -> str:
     return h.hexdigest()
 
 
-def scan_model(source: str, options: ScanOptions | None = None,
-               progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
+@dataclass
+class Reversed:
+    """A model's reversed trigger and its features, before any verdict."""
+
+    loaded: object  # loading.LoadedModel
+    denoiser: object  # denoisers.DDPMDenoiser
+    settings: dict  # preset, every hyperparameter, seed, device
+    result: object  # reversion.ReversionResult
+    features: object  # detection.Features
+
+
+def reverse_model(source: str, options: ScanOptions,
+                  progress: Callable[[str, int, int], None] | None = None) -> Reversed:
+    """Load a model and reverse its trigger (the expensive part of a scan)."""
     from .loading import load_model
 
-    options = options or ScanOptions()
     if options.preset not in PRESETS:
         raise ScanError(f"unknown preset {options.preset!r}; use one of {', '.join(PRESETS)}")
-    started = time.perf_counter()
-    reference = load_reference(options)
     device = pick_device(options.device)
     loaded = load_model(source, revision=options.revision, token=options.token, cache_dir=options.cache_dir,
                         allow_pickle=options.allow_pickle, config=options.config)
     denoiser = make_denoiser(loaded, device)
     settings = settings_for(options.preset, **options.overrides)
-    torch.manual_seed(options.seed)
-
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
-    features = kl_features(result.r, result.gamma)
+    settings_dict = {"preset": options.preset, **settings.to_dict(), "seed": options.seed, "device": str(device)}
+    return Reversed(loaded, denoiser, settings_dict, result, kl_features(result.r, result.gamma))
+
+
+def scan_model(source: str, options: ScanOptions | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
+    options = options or ScanOptions()
+    started = time.perf_counter()
+    if options.reference:  # a bad --reference fails before the expensive part
+        load_reference(options)
+    rev = reverse_model(source, options, progress)
+    loaded, denoiser, result, features, settings_dict = rev.loaded, rev.denoiser, rev.result, rev.features, rev.settings
+    device = denoiser.device
+    reference = load_reference(options)
     verdict = judge(features, reference)
     reversion_seconds = time.perf_counter() - started
 
@@ -120,7 +140,6 @@ def scan_model(source: str, options: ScanOptions | None = None,
             progress("previews: sampling", 1, 1)
 
     provenance = loaded.provenance.to_dict()
-    settings_dict = {"preset": options.preset, **settings.to_dict(), "seed": options.seed, "device": str(device)}
     warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
                 for mm in [reference.mismatches(settings_dict)] if mm]
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
@@ -156,6 +175,23 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "settings": settings_dict, "features": features.to_dict(), "verdict": verdict.verdict,
         "tool_version": __version__})
     return ScanResult(report=report, trigger=trigger, previews=previews, trace=result.trace)
+
+
+def calibrate(sources: list[str], options: ScanOptions, name: str, created_by: str = "",
+              progress: Callable[[str, int, int], None] | None = None) -> Reference:
+    """Reverse known-benign models with the scan's settings and keep their feature statistics."""
+    if len(sources) < 2:
+        raise ScanError("calibration needs at least 2 known-benign models (more give steadier thresholds)")
+    models, settings = [], None
+    for i, source in enumerate(sources):
+        rev = reverse_model(source, options, progress)
+        settings = {k: v for k, v in rev.settings.items() if k not in ("seed", "device")}
+        prov = rev.loaded.provenance.to_dict()
+        models.append({"name": rev.loaded.name, "source": source, "weights_fingerprint": weights_fingerprint(prov),
+                       **rev.features.to_dict()})
+        if progress:
+            progress("calibration: models", i + 1, len(sources))
+    return Reference(name=name, settings=settings, models=models, created_by=created_by, origin=name)
 
 
 def _version(package: str) -> str | None:
