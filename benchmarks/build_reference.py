@@ -1,0 +1,55 @@
+"""Rebuild the shipped benign references (terd_scan/references/<preset>.json) from the zoo's
+calibration-split benign models. Holdout models are never used here.
+
+    python benchmarks/build_reference.py --preset standard --preset fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_scans import ROOT, zoo_models, reverse_zoo_model  # noqa: E402
+
+from terd_scan.reference import Reference  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", action="append", required=True)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-cache", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    benign = [m for m in zoo_models() if _split(m) == ("benign", "calibration")]
+    for preset in args.preset:
+        rows = [reverse_zoo_model(m, preset, use_cache=not args.no_cache) for m in benign]
+        settings = {k: v for k, v in rows[0]["settings"].items() if k not in ("seed", "device")}
+        ref = Reference(
+            name=f"zoo-16px-{preset}", settings=settings, origin=f"shipped:{preset}",
+            models=[{"name": r["model"], "weights_fingerprint": r["weights_fingerprint"], "mean_kl": r["mean_kl"],
+                     "var_kl": r["var_kl"]} for r in rows],
+            created_by=f"python benchmarks/build_reference.py --preset {preset}",
+            notes=["benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
+                   "procedural images; calibrate your own model family with 'terd-scan calibrate'"])
+        out = ROOT / "terd_scan" / "references" / f"{preset}.json"
+        out.parent.mkdir(exist_ok=True)
+        ref.save(out)
+        th = ref.thresholds()
+        print(f"{preset}: {len(rows)} benign models -> mean_kl <= {th['mean_kl']:.4g}, var_kl <= {th['var_kl']:.4g}"
+              f"  ({out.relative_to(ROOT)})")
+
+
+def _split(model_dir: Path) -> tuple[str, str]:
+    import json
+
+    side = json.loads((model_dir / "terd-zoo.json").read_text())
+    return side.get("label"), side.get("split")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Reverse every zoo model with a preset, caching the results (benchmarks/cache/), so the scan
+benchmark and the reference builder share the expensive part. Library for the two scripts
+beside it; not a test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from terd_scan.scan import ScanOptions, reverse_model, weights_fingerprint
+from terd_scan.zoo import load_ground_truth
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO_DIR = ROOT / "examples" / "zoo"
+CACHE = ROOT / "benchmarks" / "cache"
+
+
+def zoo_models(zoo_dir: Path = ZOO_DIR) -> list[Path]:
+    return sorted(p for p in zoo_dir.iterdir() if (p / "terd-zoo.json").is_file())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: dict | None = None,
+                      use_cache: bool = True) -> dict:
+    """Features, cost and trigger-recovery error of one zoo model under one preset."""
+    options = ScanOptions(preset=preset, seed=seed, device="cpu", overrides=dict(overrides or {}), preview_steps=0)
+    gt = load_ground_truth(model_dir)
+    key_src = json.dumps({"model": model_dir.name, "preset": preset, "seed": seed, "overrides": options.overrides,
+                          "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                            for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    cached = CACHE / f"{model_dir.name}-{preset}-{key}.json"
+    if use_cache and cached.is_file():
+        return json.loads(cached.read_text())
+    t0 = time.perf_counter()
+    rev = reverse_model(str(model_dir), options)
+    seconds = time.perf_counter() - t0
+    row = {"model": model_dir.name, "label": gt.get("label"), "split": gt.get("split"), "attack": gt.get("attack"),
+           "preset": preset, "seed": seed, **rev.features.to_dict(), "seconds": round(seconds, 1),
+           "network_evaluations": rev.result.network_evaluations,
+           "weights_fingerprint": weights_fingerprint(rev.loaded.provenance.to_dict()),
+           "settings": rev.settings, "gamma_mean": float(rev.result.gamma.mean())}
+    if "trigger_r" in gt:
+        true_r = gt["trigger_r"]
+        row["r_cosine"] = cosine(rev.result.r, true_r)
+        row["r_l2"] = float((rev.result.r - true_r).norm())
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(row, indent=2))
+    return row
