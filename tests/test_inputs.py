@@ -377,3 +377,22 @@ def test_cli_quiet_and_unwritable_out(app, setup):
 def test_inputs_result_to_dict_roundtrip():
     res = InputsResult(path="p", trigger={"path": None, "shape": [3, 2, 2]}, threshold=0.0)
     assert json.loads(res.to_json())["summary"]["noises"] == 0
+
+
+@pytest.mark.parametrize("kind", ["box", "blend"])
+def test_example_make_noise_dir_labels_match_verdicts(tmp_path, kind, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "make_noise_dir.py"
+    spec = importlib.util.spec_from_file_location("make_noise_dir", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path), "--synthetic", kind, "--n", "6"]) == 0
+    assert "terd-scan inputs" in capsys.readouterr().out
+    labels = json.loads((tmp_path / "labels.json").read_text())["labels"]
+    res = scan_noise_path(tmp_path / "noises", tmp_path / "trigger.safetensors", recursive=True)
+    assert not res.errors
+    got = {(r.file, r.key, r.index): r.verdict for r in res.records}
+    assert got == {(x["file"], x["key"], x["index"]): x["label"] for x in labels}
+    assert scan_noise_path(tmp_path / "noises" / "benign", tmp_path / "trigger.safetensors").exit_code() == 0
