@@ -120,7 +120,7 @@ def _find_weights(folder: str, rel_folder: str, notes: list[str]) -> str:
     if not safe:
         others = sorted(p for p in glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isfile(p))
         if len(others) > 1:
-            raise ScanError(f"several .safetensors files in {rel_folder or '.'} ({', '.join(os.path.basename(p) for p in others[:4])})"
+            raise ScanError(f"several .safetensors files in {rel_folder or 'the model folder'} ({', '.join(os.path.basename(p) for p in others[:4])})"
                             "; keep one, or pass the file itself with --config")
         safe = others
     if not safe and glob.glob(os.path.join(folder, "*.safetensors.index.json")):
@@ -148,7 +148,7 @@ def _find_weights(folder: str, rel_folder: str, notes: list[str]) -> str:
 def _refuse_code(folder: str, rel_folder: str) -> None:
     py = sorted(glob.glob(os.path.join(folder, "*.py")))
     if py:
-        raise UnsafeFileError(f"{rel_folder or '.'} holds Python code ({os.path.basename(py[0])}) beside the model; "
+        raise UnsafeFileError(f"{(rel_folder + '/') if rel_folder else 'the model folder'} holds Python code ({os.path.basename(py[0])}) beside the model; "
                               "terd-scan never runs code from a model: remove it or scan a clean copy")
 
 

@@ -34,6 +34,7 @@ MAX_LAYERS_PER_BLOCK = 64
 MAX_SAMPLE_SIZE = 4096
 MAX_IO_CHANNELS = 64
 
+KNOWN_LIBRARIES = ("diffusers", "transformers", None)  # the libraries diffusers itself loads components from
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_REFUSAL_FIX = "convert to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
 
@@ -131,8 +132,9 @@ def parse_json_config(rf: ReadFile, what: str) -> dict:
         raise ScanError(f"{what} {_fmt_path(rf.path)} is not UTF-8 text; expected a JSON config file") from None
     try:
         obj = json.loads(text, parse_constant=_refuse_constant)
-    except ScanError:
-        raise
+    except _NonFinite as exc:
+        raise ScanError(f"{what} {_fmt_path(rf.path)} contains the non-JSON number {exc.args[0]}; replace it "
+                        "with a finite number or regenerate the file with save_pretrained") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
         where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
@@ -144,8 +146,12 @@ def parse_json_config(rf: ReadFile, what: str) -> dict:
     return obj
 
 
+class _NonFinite(ValueError):
+    pass
+
+
 def _refuse_constant(name: str):
-    raise ScanError(f"config contains the non-JSON number {name}; replace it with a finite number")
+    raise _NonFinite(name)
 
 
 def read_json_config(path: str, what: str, *, allowed_root: str | None = None) -> tuple[dict, ReadFile]:
@@ -157,7 +163,7 @@ def read_json_config(path: str, what: str, *, allowed_root: str | None = None) -
 
 
 def _is_custom_code_entry(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] not in ("diffusers", None)
+    return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] not in KNOWN_LIBRARIES
 
 
 def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str, str]]]:
@@ -194,7 +200,8 @@ def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str
                                     "DDPMPipeline, DDIMPipeline and PNDMPipeline with a UNet2DModel")
     if (unet_cls == "UNet2DConditionModel" or any(k in TEXT_COMPONENTS for k in components)
             or cls == "IFPipeline" or any(m in cls for m in TEXT_TO_IMAGE_MARKERS)):
-        raise UnsupportedModelError(CAPTION_MSG.format(what=f"{cls} ({where})"))
+        what = f"{cls} with a UNet2DConditionModel" if unet_cls == "UNet2DConditionModel" else cls
+        raise UnsupportedModelError(CAPTION_MSG.format(what=f"{what} ({where})"))
     if cls not in SUPPORTED_PIPELINES:
         raise UnsupportedModelError(f"unknown pipeline class {cls!r:.80} in {where}; terd-scan scans DDPMPipeline, "
                                     "DDIMPipeline and PNDMPipeline with a UNet2DModel")
@@ -435,13 +442,40 @@ def load_safetensors_bytes(rf: ReadFile, expected: dict[str, tuple] | None = Non
 
 
 def pickle_globals(rf: ReadFile) -> list[str]:
-    """Names a pickle would import beyond torch's weights-only allow-list (never executes it)."""
-    import torch
+    """Names a pickle would import beyond plain tensors (read from the opcodes, never executed)."""
+    if rf.data[:4] == b"PK\x03\x04":
+        import torch
 
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(rf.data)))
+        except Exception:  # noqa: BLE001 - best effort, for the message only
+            return []
+    return _raw_pickle_globals(rf.data)
+
+
+_TORCH_REBUILD_OK = {"torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "collections.OrderedDict",
+                     "torch.FloatStorage", "torch.HalfStorage", "torch.BFloat16Storage", "torch.DoubleStorage",
+                     "torch.LongStorage", "torch.IntStorage", "torch.ByteStorage", "torch.BoolStorage"}
+
+
+def _raw_pickle_globals(data: bytes) -> list[str]:
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(rf.data)))
-    except Exception:  # noqa: BLE001 - best effort, for the message only
-        return []
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data[:64 * 1024 * 1024])):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif op.name == "STOP":
+                break
+    except Exception:  # noqa: BLE001 - truncated or odd pickle: report what was seen
+        pass
+    return sorted({n for n in names if n not in _TORCH_REBUILD_OK})
 
 
 def refuse_pickle(rf: ReadFile, rel: str):
@@ -456,13 +490,22 @@ def load_pickle_bytes(rf: ReadFile, rel: str):
 
     import torch
 
+    import warnings
+
     try:
-        obj = torch.load(io.BytesIO(rf.data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ..." and similar
+            obj = torch.load(io.BytesIO(rf.data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         names = pickle_globals(rf)
-        what = f"it imports {', '.join(names[:4])}" if names else str(exc).splitlines()[0][:120]
-        raise UnsafeFileError(f"{rel} was refused by torch's weights-only loader ({what}); it holds more than "
-                              "tensors and was not executed: convert it to safetensors in a sandbox") from None
+        if names:
+            raise UnsafeFileError(f"{rel} was refused by torch's weights-only loader (it imports {', '.join(names[:4])}); "
+                                  "it holds more than tensors and was not executed: convert it to safetensors in a "
+                                  "sandbox") from None
+        lines = [ln.strip() for ln in str(exc).split("WeightsUnpickler error:")[-1].splitlines() if ln.strip()]
+        detail = lines[0][:100] if lines and "WeightsUnpickler error" in str(exc) else "unreadable pickle"
+        raise ScanError(f"cannot load pickle checkpoint {rel} with torch's weights-only loader ({detail}); nothing "
+                        "was executed: re-download it, or re-save it with safetensors") from None
     except Exception as exc:  # noqa: BLE001 - corrupt archive, truncated pickle, ...
         raise ScanError(f"corrupt pickle checkpoint {rel}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}; re-download or re-save it") from None
