@@ -396,3 +396,15 @@ def test_example_make_noise_dir_labels_match_verdicts(tmp_path, kind, capsys):
     got = {(r.file, r.key, r.index): r.verdict for r in res.records}
     assert got == {(x["file"], x["key"], x["index"]): x["label"] for x in labels}
     assert scan_noise_path(tmp_path / "noises" / "benign", tmp_path / "trigger.safetensors").exit_code() == 0
+
+
+@pytest.mark.parametrize("kind", ["box", "patch", "blend"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_anywhere_is_caught(kind, value):
+    # includes dimensions where r = 0 and gamma = 1 (coefficients 0): inf * 0 must still be caught
+    filt = NoiseFilter(synthetic_trigger(kind, SHAPE))
+    for pos in [(0, 0, 0), (1, 8, 8), (2, 15, 15)]:
+        x = torch.randn(3, *SHAPE, generator=_gen(9))
+        x[2][pos] = value
+        with pytest.raises(NonFiniteNoiseError, match="index 2"):
+            filt.scores(x)
