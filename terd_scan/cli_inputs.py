@@ -1,7 +1,8 @@
 """`terd-scan inputs NOISE_PATH`: flag starting noises that carry a reversed trigger.
 
 The lead's cli.py registers it with `app.command("inputs")(inputs_command)`. The command is
-self-contained: every failure becomes one line on stderr and exit code 2 (never a traceback);
+self-contained: every failure becomes one line on stderr and exit code 2 (never a traceback;
+TERD_SCAN_DEBUG=1 re-raises unexpected exceptions);
 0 = no poisoned noise, 1 = at least one poisoned noise.
 """
 
@@ -112,7 +113,10 @@ def inputs_command(
     except MemoryError:
         raise _fail("out of memory while scoring noises (split the directory or use smaller batch files)") from None
     except Exception as exc:  # never a traceback, never exit 1 (which means "poisoned")
-        raise _fail(f"internal error: {type(exc).__name__}: {exc} (please report this bug)") from None
+        if os.environ.get("TERD_SCAN_DEBUG"):
+            raise
+        raise _fail(f"internal error: {type(exc).__name__}: {exc} (set TERD_SCAN_DEBUG=1 for the traceback "
+                    "and report it)") from None
     raise typer.Exit(code)
 
 

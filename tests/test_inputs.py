@@ -360,9 +360,11 @@ def test_cli_unexpected_exception_is_exit_2(app, setup, monkeypatch):
         raise RuntimeError("kaput\nsecond line")
 
     monkeypatch.setattr(det, "scan_noise_path", boom)
+    monkeypatch.delenv("TERD_SCAN_DEBUG", raising=False)
     r = run(app, ben, "-t", tpath)
     assert r.exit_code == 2 and not isinstance(r.exception, RuntimeError)
-    assert r.stderr.strip() == "error: internal error: RuntimeError: kaput second line (please report this bug)"
+    assert r.stderr.startswith("error: internal error: RuntimeError: kaput second line (set TERD_SCAN_DEBUG=1")
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_quiet_and_unwritable_out(app, setup):
