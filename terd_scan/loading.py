@@ -202,13 +202,16 @@ def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes
 
 
 def load_model(source: str, *, revision: str | None = None, token: str | None = None,
-               cache_dir: str | None = None, allow_pickle: bool = False, config: str | None = None) -> LoadedModel:
+               cache_dir: str | None = None, allow_pickle: bool = False, config: str | None = None,
+               progress: bool | None = None) -> LoadedModel:
     """Load the UNet and noise schedule of `source` (folder, weights file, or Hub `org/name[@rev]`).
 
     Raises ScanError (one-line message) for anything wrong with the source; UnsupportedModelError for
     model kinds terd-scan cannot scan; UnsafeFileError for refused pickles or code.
+    `progress`: Hub download bars on stderr (None: only when stderr is a terminal).
     """
-    src = resolve_source(source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    src = resolve_source(source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                         progress=progress)
     notes = list(src.notes)
     reader = _Reader(src)
 

@@ -7,8 +7,10 @@ during a scan cannot change what is scanned. The Hub is reached only through hug
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .errors import ScanError
@@ -54,7 +56,8 @@ def parse_repo_id(source: str) -> tuple[str, str | None] | None:
 
 
 def resolve_source(source: str, *, revision: str | None = None, token: str | None = None,
-                   cache_dir: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
+                   cache_dir: str | None = None, allow_pickle: bool = False,
+                   progress: bool | None = None) -> ResolvedSource:
     if not isinstance(source, str) or not source.strip():
         raise ScanError("no model given; pass a local folder, a .safetensors file or a Hub repo id like org/name")
     expanded = os.path.expanduser(source)
@@ -70,7 +73,7 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
     if at_rev and revision and at_rev != revision:
         raise ScanError(f"two revisions given for {repo_id}: @{at_rev} and --revision {revision}; pass only one")
     return resolve_hub(source, repo_id, revision or at_rev, token=token, cache_dir=cache_dir,
-                       allow_pickle=allow_pickle)
+                       allow_pickle=allow_pickle, progress=progress)
 
 
 def _resolve_local(source: str, path: str) -> ResolvedSource:
@@ -152,8 +155,45 @@ def _translate_hub_error(exc: Exception, repo_id: str, revision: str | None, tok
                      "the revision and the network")
 
 
+def _remember_ref(repo_id: str, revision: str, sha: str, cache_dir: str | None) -> None:
+    """Record revision -> sha in the cache's refs/ (as hf_hub_download does), so that the same
+    `org/name@branch` works later with HF_HUB_OFFLINE=1. Best effort; never outside the repo cache."""
+    from huggingface_hub import constants
+
+    if revision == sha or not re.match(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$", revision) or ".." in revision:
+        return
+    storage = os.path.join(cache_dir or constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))
+    ref = os.path.join(storage, "refs", *revision.split("/"))
+    try:
+        os.makedirs(os.path.dirname(ref), exist_ok=True)
+        tmp = f"{ref}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(sha)
+        os.replace(tmp, ref)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bars(progress: bool | None):
+    """Download bars on stderr only when asked (None: when stderr is a terminal)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    was_disabled = are_progress_bars_disabled()
+    if not progress and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not progress and not was_disabled:
+            enable_progress_bars()
+
+
 def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str | None = None,
-                cache_dir: str | None = None, allow_pickle: bool = False) -> ResolvedSource:
+                cache_dir: str | None = None, allow_pickle: bool = False,
+                progress: bool | None = None) -> ResolvedSource:
     """Resolve `revision` to one commit sha, then download exactly that commit."""
     from huggingface_hub import HfApi, constants, errors, snapshot_download
 
@@ -172,8 +212,9 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
             raise ScanError(f"the Hub returned no commit sha for {repo_id}@{revision or 'main'}; retry, or pass "
                             "--revision <40-hex commit>")
         patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
-        path = snapshot_download(repo_id, revision=sha, cache_dir=cache_dir, token=token,
-                                 allow_patterns=patterns, local_files_only=offline)
+        with _progress_bars(progress):
+            path = snapshot_download(repo_id, revision=sha, cache_dir=cache_dir, token=token,
+                                     allow_patterns=patterns, local_files_only=offline)
     except ScanError:
         raise
     except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError,
@@ -183,6 +224,8 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
         if _is_connection_error(exc):
             raise _translate_hub_error(exc, repo_id, revision, token_given) from None
         raise
+    if not offline:
+        _remember_ref(repo_id, revision or "main", sha, cache_dir)
     path = os.path.abspath(path)
     # the snapshot links into blobs/ of the same repo cache folder: that is the boundary for links
     allowed = os.path.dirname(os.path.dirname(os.path.realpath(path)))
