@@ -239,7 +239,9 @@ def _read_safetensors(path: Path) -> list[NoiseTensor]:
 
 
 def _read_npy_stream(f, size: int | None) -> np.ndarray:
-    """Read one .npy from a binary stream after checking its header against the bytes available."""
+    """Read one .npy from a binary stream after checking its header against the bytes available
+    (`size`: total bytes of the stream, header included), so a lying header never allocates more
+    than the data actually present."""
     from numpy.lib import format as npf
 
     version = npf.read_magic(f)
@@ -278,15 +280,31 @@ def _read_npz(path: Path) -> list[NoiseTensor]:
         for info in sorted(z.infolist(), key=lambda i: i.filename):
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             try:
+                # Stream the member: the header is checked against the declared uncompressed size
+                # before the data is read, and never more than that size is decompressed (zip bombs).
                 with z.open(info) as member:
-                    raw = io.BytesIO(member.read())
-                arr = _read_npy_stream(raw, len(raw.getvalue()))
+                    arr = _read_npy_stream(_Counting(member), info.file_size)
                 out.append(_check_dtype(key, _to_tensor(arr)))
             except NoiseFileError as exc:
                 out.append(NoiseTensor(key, None, str(exc)))
             except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
                 out.append(NoiseTensor(key, None, f"corrupt npz member: {_first_line(exc)}"))
     return out
+
+
+class _Counting:
+    """A read-only stream wrapper that knows its position (zip member streams may not)."""
+
+    def __init__(self, raw):
+        self._raw, self._pos = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
 
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")

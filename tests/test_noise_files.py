@@ -237,3 +237,17 @@ def test_safetensors_whose_header_length_starts_with_0x80(tmp_path, keylen):
     save_file({"k" * keylen: torch.randn(SHAPE)}, p)
     assert sniff_format(p) == FORMAT_SAFETENSORS
     assert read_noise_file(p)[0].error is None
+
+
+def test_npz_member_with_lying_header_is_not_allocated(tmp_path):
+    buf = __import__("io").BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False,
+                                               "shape": (10**9, 3, 8, 8)})
+    buf.write(np.zeros(SHAPE).tobytes())
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("huge.npy", buf.getvalue())
+        with z.open("ok.npy", "w") as f:
+            np.lib.format.write_array(f, np.ones(SHAPE, np.float32))
+    got = {nt.key: nt for nt in read_noise_file(tmp_path / "bomb.npz")}
+    assert "truncated npy data" in got["huge"].error
+    assert got["ok"].error is None and float(got["ok"].tensor.sum()) == float(np.prod(SHAPE))
