@@ -18,7 +18,10 @@ from rich.console import Console
 
 from . import __version__
 from .errors import ScanError
-from .presets import DEFAULT_PRESET, PRESETS
+from .cli_options import (BatchOpt, CacheOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt, LambdaOpt, LrOpt,
+                          PickleOpt, Preset, PresetOpt, RevisionOpt, SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt,
+                          scan_options)
+from .presets import DEFAULT_PRESET
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
@@ -37,16 +40,6 @@ class Format(str, Enum):
 class FailOn(str, Enum):
     backdoored = "backdoored"
     never = "never"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 
 
 def fail(message: str) -> typer.Exit:
@@ -112,40 +105,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 
-# Options shared by the commands that reverse triggers (model, calibrate).
-PresetOpt = Annotated[Preset, typer.Option("--preset", help="Reversion budget: paper (the paper's exact settings), "
-                                                            "standard, fast.")]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks a CUDA or MPS GPU when present, else the CPU.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: same inputs and seed give the same trigger and verdict.")]
-Stage1Opt = Annotated[Optional[int], typer.Option("--stage1-iterations", min=0, help="Override: stage 1 iterations.")]
-Stage2Opt = Annotated[Optional[int], typer.Option("--stage2-iterations", min=0, help="Override: stage 2 iterations.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Override: batch size.")]
-StepsOpt = Annotated[Optional[int], typer.Option("--sampler-steps", min=1, help="Override: DDIM steps in stage 2.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Override: learning rate of r.")]
-GammaLrOpt = Annotated[Optional[float], typer.Option("--gamma-lr", min=0.0, help="Override: learning rate of gamma.")]
-LambdaOpt = Annotated[Optional[float], typer.Option("--lambda", min=0.0, help="Override: L1 weight lambda.")]
-ClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="Override: stage 2 gradient clip.")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit.")]
-TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token [default: $HF_TOKEN].", show_default=False)]
-CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hugging Face cache folder.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="UNet config.json for a single weights file.")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle weights (.bin/.pt/.ckpt), with "
-                                                               "torch.load(weights_only=True) only.")]
-
-
-def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
-                 l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, **extra):
-    from .scan import ScanOptions
-
-    return ScanOptions(
-        preset=preset.value, seed=seed, device=device.value, revision=revision,
-        token=token or os.environ.get("HF_TOKEN"), cache_dir=str(cache_dir) if cache_dir else None,
-        allow_pickle=allow_pickle, config=str(config) if config else None,
-        overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
-                       batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
-                       l1_weight=l1_weight, stage2_grad_clip=grad_clip), **extra)
-
-
 @app.command("model")
 @guarded
 def model_command(
@@ -153,13 +112,13 @@ def model_command(
                                                "(org/name or org/name@revision).", show_default=False)],
     preset: PresetOpt = Preset(DEFAULT_PRESET),
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.json, trigger.png, trigger.safetensors "
-                                                     "[default: ./terd-scan-out/<model name>].")] = None,
+                                                     "\\[default: ./terd-scan-out/<model name>].")] = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="Report on stdout: rich, json or sarif.")]
     = Format.rich,
     fail_on: Annotated[FailOn, typer.Option(help="Exit 1 when a backdoor is found (backdoored) or never.")]
     = FailOn.backdoored,
     reference: Annotated[Optional[Path], typer.Option(help="Benign reference JSON from 'terd-scan calibrate' "
-                                                           "[default: the one shipped for the preset].")] = None,
+                                                           "\\[default: the one shipped for the preset].")] = None,
     device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
@@ -202,7 +161,7 @@ def calibrate_command(
     sources: Annotated[list[str], typer.Argument(help="Known-benign models (folders, files or Hub repo ids).",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option(help="Where to write the reference JSON.")],
-    name: Annotated[Optional[str], typer.Option(help="Name recorded in the reference [default: the file name].")]
+    name: Annotated[Optional[str], typer.Option(help="Name recorded in the reference \\[default: the file name].")]
     = None,
     k_sigma: Annotated[float, typer.Option(min=0.1, help="Thresholds at mu + k sigma of the benign features.")]
     = 3.0,
