@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -96,21 +97,66 @@ class Reversed:
     features: object  # detection.Features
 
 
-def reverse_model(source: str, options: ScanOptions,
-                  progress: Callable[[str, int, int], None] | None = None) -> Reversed:
-    """Load a model and reverse its trigger (the expensive part of a scan)."""
+def load_source(source: str, options: ScanOptions):
     from .loading import load_model
 
+    return load_model(source, revision=options.revision, token=options.token, cache_dir=options.cache_dir,
+                      allow_pickle=options.allow_pickle, config=options.config)
+
+
+def scan_settings(options: ScanOptions) -> dict:
+    """Preset, every hyperparameter, seed and device: what a reversion's result depends on."""
     if options.preset not in PRESETS:
         raise ScanError(f"unknown preset {options.preset!r}; use one of {', '.join(PRESETS)}")
-    device = pick_device(options.device)
-    loaded = load_model(source, revision=options.revision, token=options.token, cache_dir=options.cache_dir,
-                        allow_pickle=options.allow_pickle, config=options.config)
-    denoiser = make_denoiser(loaded, device)
+    settings = settings_for(options.preset, **options.overrides)
+    return {"preset": options.preset, **settings.to_dict(), "seed": options.seed,
+            "device": str(pick_device(options.device))}
+
+
+def reverse_model(source: str, options: ScanOptions,
+                  progress: Callable[[str, int, int], None] | None = None, loaded=None) -> Reversed:
+    """Load a model (unless given) and reverse its trigger: the expensive part of a scan."""
+    settings_dict = scan_settings(options)
+    loaded = loaded or load_source(source, options)
+    denoiser = make_denoiser(loaded, settings_dict["device"])
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
-    settings_dict = {"preset": options.preset, **settings.to_dict(), "seed": options.seed, "device": str(device)}
     return Reversed(loaded, denoiser, settings_dict, result, kl_features(result.r, result.gamma))
+
+
+def cache_root() -> Path:
+    env = os.environ.get("TERD_SCAN_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "terd-scan"
+
+
+def reverse_cached(source: str, options: ScanOptions,
+                   progress: Callable[[str, int, int], None] | None = None) -> tuple[Trigger, Path, bool]:
+    """The trigger of a model, reversed once per (model file hashes, settings) and then reused
+    from the cache. Returns (trigger, its file, whether it came from the cache)."""
+    settings_dict = scan_settings(options)
+    loaded = load_source(source, options)
+    fingerprint = weights_fingerprint(loaded.provenance.to_dict())
+    key = hashlib.sha256(json.dumps({"weights": fingerprint, "settings": settings_dict},
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    path = cache_root() / "triggers" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return Trigger.load(path), path, True
+        except ScanError:
+            pass  # a damaged cache entry is recomputed, not trusted
+    rev = reverse_model(source, options, progress, loaded=loaded)
+    trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
+        "model": loaded.name, "source": source, "weights_fingerprint": fingerprint, "settings": settings_dict,
+        "features": rev.features.to_dict(), "tool_version": __version__})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trigger.save(path)
+    except OSError as exc:
+        raise ScanError(f"cannot write the trigger cache {path.parent}: {exc.strerror}; "
+                        "set TERD_SCAN_CACHE to a writable folder") from None
+    return trigger, path, False
 
 
 def scan_model(source: str, options: ScanOptions | None = None,

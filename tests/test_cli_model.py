@@ -1,0 +1,141 @@
+"""`terd-scan model` through the CLI on tiny random models: outputs, artefacts, exit codes and
+bad inputs. Verdicts on real (zoo) backdoors are in test_zoo_scans.py."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+import fixtures_models as fm
+from terd_scan.cli import app
+
+CHEAP = ["--stage1-iterations", "3", "--stage2-iterations", "1", "--batch-size", "2", "--sampler-steps", "2",
+         "--preview-steps", "4", "--device", "cpu"]
+
+
+def reference(path, mean_kl, var_kl):
+    models = [{"name": "a", "mean_kl": mean_kl, "var_kl": var_kl}, {"name": "b", "mean_kl": mean_kl, "var_kl": var_kl}]
+    fm.write_json(path, {"format": "terd-scan-reference", "name": path.stem, "settings": {}, "models": models})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refs")
+    return {"lenient": reference(d / "lenient.json", 1e6, 1e6), "strict": reference(d / "strict.json", 0.0, 0.0)}
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
+    out = tmp_path / "out"
+    res = run("model", model_dirs["pipeline"], "-f", "json", "--out", out, "--reference", refs["lenient"], *CHEAP)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)  # stdout holds one JSON document and nothing else
+    assert report["tool"]["name"] == "terd-scan" and report["tool"]["version"]
+    assert report["verdict"] == "clean" and report["reasons"] == []
+    assert set(report["features"]) == {"mean_kl", "var_kl"}
+    assert set(report["thresholds"]) >= {"mean_kl", "var_kl", "origin"}
+    assert report["settings"]["preset"] == "standard" and report["settings"]["stage1_iterations"] == 3
+    assert report["settings"]["seed"] == 0 and report["settings"]["device"] == "cpu"
+    weights = [f for f in report["source"]["files"] if f["role"] == "weights"]
+    assert weights and all(len(f["sha256"]) == 64 for f in weights)
+    assert report["timing"]["network_evaluations"] > 0 and report["timing"]["seconds"] > 0
+    assert report["model"]["input_shape"] == [3, 8, 8] and report["model"]["prior"] == "N(0, I)"
+    for key in ("report_json", "trigger_png", "trigger_safetensors"):
+        assert os.path.isfile(report["artefacts"][key])
+    assert json.loads((out / "report.json").read_text())["verdict"] == "clean"
+    assert not list(out.glob("*.partial"))
+    from terd_scan.trigger import Trigger
+
+    trig = Trigger.load(out / "trigger.safetensors")
+    assert trig.shape == (3, 8, 8) and trig.metadata["verdict"] == "clean"
+    assert (out / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backdoored_verdict_exits_1_and_fail_on_never_exits_0(model_dirs, refs, tmp_path):
+    res = run("model", model_dirs["flat"], "-f", "json", "--out", tmp_path / "a", "--reference", refs["strict"], *CHEAP)
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout)["verdict"] == "backdoored"
+    res = run("model", model_dirs["flat"], "-q", "--fail-on", "never", "--out", tmp_path / "b",
+              "--reference", refs["strict"], *CHEAP)
+    assert res.exit_code == 0 and res.stdout == ""
+
+
+def test_sarif_output(model_dirs, refs, tmp_path):
+    res = run("model", model_dirs["bare"], "-f", "sarif", "--out", tmp_path, "--reference", refs["strict"], *CHEAP)
+    assert res.exit_code == 1, res.output
+    sarif = json.loads(res.stdout)
+    assert sarif["version"] == "2.1.0"
+    run0 = sarif["runs"][0]
+    assert {r["id"] for r in run0["tool"]["driver"]["rules"]} >= {"TERD001"}
+    [finding] = [r for r in run0["results"] if r["ruleId"] == "TERD001"]
+    assert finding["level"] == "error"
+    uris = [loc["physicalLocation"]["artifactLocation"]["uri"] for loc in finding["locations"]]
+    assert any(u.endswith("diffusion_pytorch_model.safetensors") for u in uris)
+
+
+def test_same_seed_same_result_and_reference_mismatch_warning(model_dirs, refs, tmp_path):
+    a = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path / "a", "--reference", refs["lenient"],
+            "--seed", "7", *CHEAP)
+    b = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path / "b", "--reference", refs["lenient"],
+            "--seed", "7", *CHEAP)
+    assert json.loads(a.stdout)["features"] == json.loads(b.stdout)["features"]
+    # the default (shipped) reference was calibrated with the preset's own settings: overriding warns
+    c = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path / "c", *CHEAP)
+    assert c.exit_code in (0, 1), c.output
+    assert any("calibrated with other settings" in w for w in json.loads(c.stdout)["warnings"])
+
+
+def one_line_error(res, fragment):
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert "Traceback" not in res.output and len(err.splitlines()) == 1, err
+    assert fragment.lower() in err.lower(), err
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_dirs, refs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    fm.save_pipeline(corrupt, fm.make_unet())
+    w = corrupt / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+    mismatch = tmp_path / "mismatch"
+    fm.save_pipeline(mismatch, fm.make_unet())
+    cfg = fm.read_json(mismatch / "unet" / "config.json")
+    cfg["block_out_channels"] = [16, 32]
+    cfg["norm_num_groups"] = 8
+    fm.write_json(mismatch / "unet" / "config.json", cfg)
+    bad_ref = tmp_path / "bad_ref.json"
+    bad_ref.write_text("{")
+    cases = [
+        (["model", tmp_path / "missing"], "not found"),
+        (["model", empty], "no"),
+        (["model", corrupt], "diffusion_pytorch_model.safetensors"),
+        (["model", mismatch], "shape"),
+        (["model", model_dirs["pipeline"], "--reference", bad_ref], "not valid JSON"),
+        (["model", model_dirs["pipeline"], "--reference", tmp_path / "nope.json"], "not found"),
+    ]
+    for args, fragment in cases:
+        out = tmp_path / "out"
+        one_line_error(run(*args, "--out", out, *CHEAP), fragment)
+        assert not out.exists()
+
+
+def test_usage_errors_exit_2(model_dirs):
+    assert run("model", model_dirs["pipeline"], "--preset", "nope").exit_code == 2
+    assert run("model", model_dirs["pipeline"], "--stage1-iterations", "-1").exit_code == 2
+    assert run("model").exit_code == 2
+
+
+def test_unsupported_scheduler_is_an_error_never_clean(tmp_path, refs):
+    d = tmp_path / "ve"
+    fm.save_bare(d, fm.make_unet())
+    fm.write_json(d / "scheduler_config.json", {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000,
+                                                "sigma_min": 0.01, "sigma_max": 1348.0, "snr": 0.15})
+    res = run("model", d, "--reference", refs["lenient"], "--out", tmp_path / "o", *CHEAP)
+    one_line_error(res, "not supported")
