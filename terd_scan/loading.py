@@ -114,35 +114,46 @@ class _Reader:
         return self.src.allowed_root
 
 
-def _find_weights(folder: str, rel_folder: str, notes: list[str]) -> str:
+def _list_folder(src: ResolvedSource, folder: str) -> list[str]:
+    """File names in a folder of the source: the Hub commit's listing when known, else the disk."""
+    if src.remote_files is not None:
+        rel = _rel(src.root, folder)
+        rel = "" if rel == "." else rel
+        return sorted(p.rsplit("/", 1)[-1] for p in src.remote_files if (p.rsplit("/", 1)[0] if "/" in p else "") == rel)
+    try:
+        return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        return []
+
+
+def _find_weights(names: list[str], rel_folder: str, notes: list[str]) -> str:
     """Pick the weights file of a component folder: safetensors first, pickles as a fallback."""
-    safe = [os.path.join(folder, n) for n in WEIGHT_NAMES_SAFE if os.path.isfile(os.path.join(folder, n))]
+    where = rel_folder or "the model folder"
+    safe = [n for n in WEIGHT_NAMES_SAFE if n in names]
     if not safe:
-        others = sorted(p for p in glob.glob(os.path.join(folder, "*.safetensors")) if os.path.isfile(p))
+        others = [n for n in names if n.endswith(".safetensors")]
         if len(others) > 1:
-            raise ScanError(f"several .safetensors files in {rel_folder or 'the model folder'} ({', '.join(os.path.basename(p) for p in others[:4])})"
-                            "; keep one, or pass the file itself with --config")
+            raise ScanError(f"several .safetensors files in {where} ({', '.join(others[:4])}); keep one, or pass "
+                            "the file itself with --config")
         safe = others
-    if not safe and glob.glob(os.path.join(folder, "*.safetensors.index.json")):
-        raise ScanError(f"sharded weights in {rel_folder or '.'} are not supported yet; merge the shards into one "
+    if not safe and any(n.endswith(".safetensors.index.json") for n in names):
+        raise ScanError(f"sharded weights in {where} are not supported yet; merge the shards into one "
                         "diffusion_pytorch_model.safetensors")
-    pickles = [os.path.join(folder, n) for n in WEIGHT_NAMES_PICKLE if os.path.isfile(os.path.join(folder, n))]
+    pickles = [n for n in WEIGHT_NAMES_PICKLE if n in names]
     if not pickles:
-        pickles = sorted(p for suf in safety.PICKLE_SUFFIXES for p in glob.glob(os.path.join(folder, "*" + suf))
-                         if os.path.isfile(p))
+        pickles = [n for n in names if n.lower().endswith(safety.PICKLE_SUFFIXES)]
     if safe:
         if pickles:
-            notes.append(f"{rel_folder or '.'}: safetensors and pickle weights both present; used "
-                         f"{os.path.basename(safe[0])}, never opened {', '.join(os.path.basename(p) for p in pickles[:3])}")
+            notes.append(f"{where}: safetensors and pickle weights both present; used {safe[0]}, never opened "
+                         f"{', '.join(pickles[:3])}")
         return safe[0]
     if len(pickles) == 1:
         return pickles[0]
     if len(pickles) > 1:
-        raise ScanError(f"several pickle weight files in {rel_folder or '.'} "
-                        f"({', '.join(os.path.basename(p) for p in pickles[:4])}); keep one, or convert it to "
-                        "diffusion_pytorch_model.safetensors")
-    raise ScanError(f"no weights in {rel_folder or '.'}: expected diffusion_pytorch_model.safetensors beside "
-                    "config.json; re-save the model with save_pretrained")
+        raise ScanError(f"several pickle weight files in {where} ({', '.join(pickles[:4])}); keep one, or convert "
+                        "it to diffusion_pytorch_model.safetensors")
+    raise ScanError(f"no weights in {where}: expected diffusion_pytorch_model.safetensors beside config.json; "
+                    "re-save the model with save_pretrained")
 
 
 def _refuse_code(folder: str, rel_folder: str) -> None:
@@ -260,7 +271,14 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
 
     # weights
     if weights_path is None:
-        weights_path = _find_weights(unet_dir, reader.rel(unet_dir) if unet_dir != src.root else "", notes)
+        name = _find_weights(_list_folder(src, unet_dir), reader.rel(unet_dir) if unet_dir != src.root else "", notes)
+        weights_path = os.path.join(unet_dir, name)
+        if src.fetch is not None:  # Hub: download this one file of the resolved commit, now that the configs passed
+            rel = reader.rel(weights_path)
+            if not allow_pickle and name.lower().endswith(safety.PICKLE_SUFFIXES):
+                raise UnsafeFileError(f"{rel} is a pickle, which can run code when loaded (not downloaded); "
+                                      f"{safety.PICKLE_REFUSAL_FIX}")
+            weights_path = src.fetch(rel)
     rel_w = reader.rel(weights_path)
     rf, fmt = reader.weights(weights_path)
     pickle_loaded = False

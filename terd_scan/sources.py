@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import ScanError
 
@@ -19,10 +20,10 @@ REPO_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][
                         r"(?:@(?P<rev>[^\s@]{1,200}))?$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
-SAFE_PATTERNS = ["model_index.json", "config.json", "*/config.json", "scheduler_config.json",
-                 "*/scheduler_config.json", "*.safetensors", "*/*.safetensors",
-                 "*.safetensors.index.json", "*/*.safetensors.index.json"]
-PICKLE_PATTERNS = ["*.bin", "*/*.bin", "*.pt", "*/*.pt", "*.pth", "*/*.pth", "*.ckpt", "*/*.ckpt"]
+# first download: the JSON configs only; weights are fetched one file at a time once the configs pass
+CONFIG_PATTERNS = ["model_index.json", "config.json", "*/config.json", "scheduler_config.json",
+                   "*/scheduler_config.json"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class ResolvedSource:
     resolved_commit: str | None = None
     name: str = "model"
     notes: list[str] = field(default_factory=list)
+    # Hub sources: every file of the resolved commit (None: list the local folder) and a function that
+    # downloads one of them (relative path) and returns its local path
+    remote_files: list[str] | None = None
+    fetch: Callable[[str], str] | None = None
 
 
 def sanitize_name(name: str) -> str:
@@ -76,6 +81,29 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
                        allow_pickle=allow_pickle, progress=progress)
 
 
+def _snapshot_repo_folder(path: str) -> str | None:
+    """If `path` lies in a Hugging Face cache snapshot (models--org--name/snapshots/<sha>/...), the
+    models--org--name folder; else None."""
+    parts = os.path.realpath(path).split(os.sep)
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and re.match(r"^[0-9a-f]{40}$", parts[i + 2]):
+            return os.sep.join(parts[: i + 1]) or os.sep
+    return None
+
+
+def _link_boundary(folder: str) -> str:
+    """Files must resolve inside this folder. A cache snapshot links into ../../blobs: allow the repo folder."""
+    return _snapshot_repo_folder(folder) or folder
+
+
+def _local_name(folder: str) -> str:
+    real = os.path.realpath(folder)
+    repo = _snapshot_repo_folder(real)
+    if repo is not None:  # .../models--org--name/snapshots/<sha>[/sub] -> name
+        return sanitize_name(os.path.basename(repo).split("--", 2)[-1])
+    return sanitize_name(os.path.basename(real))
+
+
 def _resolve_local(source: str, path: str) -> ResolvedSource:
     if os.path.islink(path) and not os.path.exists(path):
         raise ScanError(f"path not found: {source} is a broken link; point it at a model folder or file")
@@ -83,14 +111,14 @@ def _resolve_local(source: str, path: str) -> ResolvedSource:
     if os.path.isdir(path):
         if not os.access(path, os.R_OK | os.X_OK):
             raise ScanError(f"cannot read folder {source}: permission denied; fix the permissions")
-        return ResolvedSource(source=source, kind="local", root=path, allowed_root=path,
-                              name=sanitize_name(os.path.basename(os.path.realpath(path))))
+        return ResolvedSource(source=source, kind="local", root=path, allowed_root=_link_boundary(path),
+                              name=_local_name(path))
     if os.path.isfile(path):
         root = os.path.dirname(path)
         base = os.path.basename(path)
         stem = base.split(".")[0] if not base.startswith("diffusion_pytorch_model") else os.path.basename(root)
-        return ResolvedSource(source=source, kind="local", root=root, allowed_root=root, weights_file=path,
-                              name=sanitize_name(stem))
+        return ResolvedSource(source=source, kind="local", root=root, allowed_root=_link_boundary(root),
+                              weights_file=path, name=sanitize_name(stem))
     raise ScanError(f"{source} is neither a regular file nor a folder; pass a model folder or a weights file")
 
 
@@ -194,13 +222,18 @@ def _progress_bars(progress: bool | None):
 def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str | None = None,
                 cache_dir: str | None = None, allow_pickle: bool = False,
                 progress: bool | None = None) -> ResolvedSource:
-    """Resolve `revision` to one commit sha, then download exactly that commit."""
-    from huggingface_hub import HfApi, constants, errors, snapshot_download
+    """Resolve `revision` to one commit sha, then download the JSON configs of exactly that commit.
+
+    Weights are fetched later through `ResolvedSource.fetch`, once the configs passed the gate: an
+    unsupported or refused model (a text-to-image pipeline, custom code) costs a few KB, not GBs.
+    """
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     token = token or None  # None lets huggingface_hub use HF_TOKEN / the saved token
     token_given = bool(token or os.environ.get("HF_TOKEN"))
     offline = bool(constants.HF_HUB_OFFLINE)
-    try:
+    remote_files = None
+    with _hub_errors(repo_id, revision, token_given):
         if offline:
             from huggingface_hub import resolve_revision
 
@@ -208,13 +241,47 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
         else:
             info = HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, revision=revision, token=token)
             sha = info.sha
+            if info.siblings is not None:
+                remote_files = sorted(s.rfilename for s in info.siblings)
         if not isinstance(sha, str) or not SHA_RE.match(sha):
             raise ScanError(f"the Hub returned no commit sha for {repo_id}@{revision or 'main'}; retry, or pass "
                             "--revision <40-hex commit>")
-        patterns = SAFE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
         with _progress_bars(progress):
             path = snapshot_download(repo_id, revision=sha, cache_dir=cache_dir, token=token,
-                                     allow_patterns=patterns, local_files_only=offline)
+                                     allow_patterns=CONFIG_PATTERNS, local_files_only=offline)
+    if offline:
+        remote_files = _cached_listing(repo_id, sha, cache_dir)
+    else:
+        _remember_ref(repo_id, revision or "main", sha, cache_dir)
+    path = os.path.abspath(path)
+    # the snapshot links into blobs/ of the same repo cache folder: that is the boundary for links
+    allowed = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+    notes = []
+    if offline:
+        notes.append(f"offline: {repo_id}@{revision or 'main'} read from the local cache (commit {sha})")
+
+    def fetch(rel_path: str) -> str:
+        """Download one file of the resolved commit (or find it in the cache offline); return its path."""
+        from huggingface_hub import hf_hub_download
+
+        if not allow_pickle and rel_path.lower().endswith(PICKLE_SUFFIXES):
+            return os.path.join(path, rel_path)  # never downloaded: the loader refuses it by name
+        with _hub_errors(repo_id, revision, token_given), _progress_bars(progress):
+            return hf_hub_download(repo_id, rel_path, revision=sha, cache_dir=cache_dir, token=token,
+                                   local_files_only=offline)
+
+    return ResolvedSource(source=source, kind="hub", root=path, allowed_root=allowed, repo_id=repo_id,
+                          requested_revision=revision, resolved_commit=sha,
+                          name=sanitize_name(repo_id.split("/")[-1]), notes=notes,
+                          remote_files=remote_files, fetch=fetch)
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None, token_given: bool):
+    from huggingface_hub import errors
+
+    try:
+        yield
     except ScanError:
         raise
     except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError,
@@ -224,14 +291,14 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
         if _is_connection_error(exc):
             raise _translate_hub_error(exc, repo_id, revision, token_given) from None
         raise
-    if not offline:
-        _remember_ref(repo_id, revision or "main", sha, cache_dir)
-    path = os.path.abspath(path)
-    # the snapshot links into blobs/ of the same repo cache folder: that is the boundary for links
-    allowed = os.path.dirname(os.path.dirname(os.path.realpath(path)))
-    notes = []
-    if offline:
-        notes.append(f"offline: {repo_id}@{revision or 'main'} read from the local cache (commit {sha})")
-    return ResolvedSource(source=source, kind="hub", root=path, allowed_root=allowed, repo_id=repo_id,
-                          requested_revision=revision, resolved_commit=sha,
-                          name=sanitize_name(repo_id.split("/")[-1]), notes=notes)
+
+
+def _cached_listing(repo_id: str, sha: str, cache_dir: str | None) -> list[str] | None:
+    """The file list of a cached commit (trees/<sha>.json), when huggingface_hub wrote one."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return sorted(f.path for f in get_cached_repo_tree(repo_id, revision=sha, cache_dir=cache_dir)
+                      if getattr(f, "path", None) and type(f).__name__ == "RepoFile")
+    except Exception:  # noqa: BLE001 - no tree cached (hand-made cache): the snapshot folder is the listing
+        return None

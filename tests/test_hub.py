@@ -128,9 +128,11 @@ def test_download_by_repo_id_main(hub, unets):
     assert os.path.realpath(p.root).endswith(hub.sha_v2)
 
 
-@pytest.mark.parametrize("how", ["at-branch", "revision-arg", "at-tag", "at-commit"])
+@pytest.mark.parametrize("how", ["at-branch", "revision-arg", "at-tag", "at-commit", "pr-ref"])
 def test_download_by_revision(hub, unets, how):
+    hub.tag("org/tiny", "refs/pr/1", hub.sha_v1)  # a Hub pull request: the CI gate scans it before merging
     source, kw, expected = {
+        "pr-ref": ("org/tiny@refs/pr/1", {}, hub.sha_v1),
         "at-branch": ("org/tiny@dev", {}, hub.sha_dev),
         "revision-arg": ("org/tiny", {"revision": "dev"}, hub.sha_dev),
         "at-tag": ("org/tiny@v1.0", {}, hub.sha_v1),
@@ -183,9 +185,10 @@ def test_branch_moved_after_resolution_does_not_change_what_is_scanned(hub, unet
 
 
 def test_pickle_repo_refused_unless_allowed(hub, unets):
-    with pytest.raises(ScanError) as info:  # the .bin is not even downloaded without allow_pickle
+    with pytest.raises(UnsafeFileError) as info:  # the .bin is not even downloaded without allow_pickle
         load_model("org/binonly")
-    assert "no weights" in _one_line(info.value)
+    msg = _one_line(info.value)
+    assert "is a pickle" in msg and "not downloaded" in msg and "--allow-pickle" in msg
     assert not any(p.endswith(".bin") for _m, p in hub.requests)
     m = load_model("org/binonly", allow_pickle=True)
     assert m.provenance.pickle_loaded and torch.allclose(_output(m), _ref(unets[0]), atol=1e-6)
@@ -247,6 +250,8 @@ def test_unsupported_hub_model_is_an_error(hub, repo_folders, tmp_path):
     hub.commit("org/t2i", d)
     with pytest.raises(UnsupportedModelError, match="caption-trigger"):
         load_model("org/t2i")
+    # refused from its JSON configs alone: no weights were downloaded
+    assert not any(p.endswith(".safetensors") for _m, p in hub.requests if "org/t2i" in p)
 
 
 def test_custom_code_repo_is_refused(hub, repo_folders, tmp_path):
@@ -322,6 +327,14 @@ def test_offline_not_cached(monkeypatch, cache):
         load_model("org/never-downloaded")
     msg = _one_line(info.value)
     assert "not in the local Hugging Face cache" in msg
+
+
+def test_cache_snapshot_folder_as_local_path(hub, cache):
+    """A Hub cache snapshot folder passed as a path: its links into ../../blobs are not an escape."""
+    m = load_model("org/tiny")
+    local = load_model(m.provenance.root)
+    assert local.provenance.kind == "local"
+    assert [(f.path, f.sha256) for f in local.provenance.files] == [(f.path, f.sha256) for f in m.provenance.files]
 
 
 def test_explicit_cache_dir(hub, tmp_path):
