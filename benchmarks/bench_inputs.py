@@ -102,15 +102,16 @@ def quality(args) -> list[dict]:
     return rows
 
 
-def _time(fn, min_seconds: float) -> tuple[float, int]:
+def _time(fn, min_seconds: float) -> float:
+    """Median seconds per call over repeated calls for at least min_seconds (after a warm-up): the
+    median resists the stalls of a shared machine better than the mean."""
     fn()  # warm-up
-    reps, start = 0, time.perf_counter()
-    while True:
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
         fn()
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds:
-            return elapsed, reps
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def speed(args) -> list[dict]:
@@ -121,11 +122,9 @@ def speed(args) -> list[dict]:
         batch = max(1, min(args.batch, (1 << 26) // (4 * d)))  # at most 64 MB of float32 input
         filt = NoiseFilter(synthetic_trigger("blend", shape))
         x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
-        el, reps = _time(lambda: filt.scores(x), args.min_seconds)
-        batched = batch * reps / el
+        batched = batch / _time(lambda: filt.scores(x), args.min_seconds)
         k = min(batch, 64)
-        el1, reps1 = _time(lambda: [filt.scores(x[i]) for i in range(k)], args.min_seconds)
-        single = k * reps1 / el1
+        single = k / _time(lambda: [filt.scores(x[i]) for i in range(k)], args.min_seconds)
         rows.append({"d": f"{'x'.join(map(str, shape))} = {d}", "batch": batch, "batched_per_s": batched,
                      "single_per_s": single, "GB_per_s": batched * d * 4 / 1e9})
     return rows
@@ -150,10 +149,9 @@ def scan_speed(args) -> list[dict]:
                     np.save(p, x.numpy())
                 else:
                     torch.save(x, p)
-            start = time.perf_counter()
             res = scan_noise_path(tmp, trig)
-            el = time.perf_counter() - start
             assert not res.errors and res.noises == files * per
+            el = _time(lambda: scan_noise_path(tmp, trig), 0.0)  # median of 3 (files in the page cache)
             rows.append({"format": fmt, "files": files, "noises": res.noises, "seconds": el,
                          "files_per_s": files / el, "noises_per_s": res.noises / el})
     return rows
@@ -211,7 +209,8 @@ def main(argv=None) -> int:
           "float32 input, float64 accumulation)\n")
     print(table(s, [("d", "noise shape = d", "s"), ("batch", "batch", "d"), ("batched_per_s", "noises/s batched", ",.0f"),
                     ("single_per_s", "noises/s one per call", ",.0f"), ("GB_per_s", "input GB/s (batched)", ".2f")]))
-    print("\n## End-to-end directory scan (read + score, 64 noises 3x32x32 per file)\n")
+    print("\n## End-to-end directory scan (scan_noise_path: list + read + score; 64 noises 3x32x32 per file; "
+          "median of 3)\n")
     print(table(e, [("format", "format", "s"), ("files", "files", "d"), ("noises", "noises", "d"),
                     ("seconds", "seconds", ".2f"), ("files_per_s", "files/s", ",.0f"),
                     ("noises_per_s", "noises/s", ",.0f")]))

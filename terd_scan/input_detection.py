@@ -37,7 +37,7 @@ from .noise_files import NoiseFileError, list_noise_files, read_noise_file
 from .trigger import Trigger
 
 __all__ = [
-    "NonFiniteNoiseError", "NoiseShapeError", "NoiseFilter", "score_noises", "is_poisoned",
+    "InvalidNoiseError", "NonFiniteNoiseError", "NoiseShapeError", "NoiseFilter", "score_noises", "is_poisoned",
     "scan_noise_path", "InputsResult", "NoiseRecord", "NoiseFileIssue", "FileSummary",
     "render_rich", "trigger_summary", "synthetic_trigger", "SYNTHETIC_TRIGGERS",
     "sample_trigger_noises", "ground_truth_trigger",
@@ -50,12 +50,16 @@ VERDICT_BENIGN = "benign"
 _CHUNK_ELEMENTS = 1 << 16
 
 
-class NonFiniteNoiseError(ScanError):
+class InvalidNoiseError(ScanError):
+    """A noise that cannot be scored (base of the two below)."""
+
+
+class NonFiniteNoiseError(InvalidNoiseError):
     """A noise holds NaN or Inf: it cannot be scored."""
 
 
-class NoiseShapeError(ScanError):
-    """A noise is not shaped like the trigger (C, H, W) or a batch of it (N, C, H, W)."""
+class NoiseShapeError(InvalidNoiseError):
+    """A noise is not a floating-point tensor shaped like the trigger (C, H, W) or a batch of it (N, C, H, W)."""
 
 
 # --------------------------------------------------------------------------- scoring
@@ -97,8 +101,8 @@ class NoiseFilter:
             x = torch.from_numpy(x)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor or numpy array, got {type(x).__name__}")
-        if not (x.dtype.is_floating_point or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-            raise NoiseShapeError(f"noise dtype {x.dtype} is not real-valued")
+        if not x.dtype.is_floating_point:
+            raise NoiseShapeError(f"noise dtype {str(x.dtype).replace('torch.', '')} is not floating point")
         shape = tuple(x.shape)
         if shape == self.shape:
             return x.reshape(1, self.dim), True
@@ -309,7 +313,7 @@ def scan_noise_path(path: str | os.PathLike, trigger: Trigger | str | os.PathLik
             err = nt.error
             if err is None:
                 try:
-                    scores = filt.scores(nt.tensor).reshape(-1).tolist()
+                    scores = filt.scores(nt.tensor.detach()).reshape(-1).tolist()
                 except ScanError as exc:
                     err = str(exc)
             if err is not None:

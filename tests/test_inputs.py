@@ -103,6 +103,8 @@ def test_filter_api_numpy_float16_threshold_and_shapes():
     for bad in [torch.randn(3, 8, 8), torch.randn(2, 3, 16, 8), torch.randn(SHAPE[0] * 256), torch.randn(1, 1, *SHAPE)]:
         with pytest.raises(NoiseShapeError, match="does not match the trigger"):
             filt.scores(bad)
+    with pytest.raises(NoiseShapeError, match="not floating point"):
+        filt.scores(torch.ones(SHAPE, dtype=torch.int64))
     with pytest.raises(ScanError):
         NoiseFilter(trig, threshold=float("nan"))
 
