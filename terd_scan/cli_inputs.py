@@ -180,4 +180,16 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
         render_rich(result, Console(), skip_errors=skip_errors)
         if out is not None:
             Console().print(f"report written to {out}", markup=False, highlight=False)
-    return result.exit_code(skip_errors)
+    code = result.exit_code(skip_errors)
+    if code == EXIT_ERROR:
+        # One line on stderr too, for CI logs (stdout keeps the table or the JSON document).
+        if result.errors and not skip_errors:
+            first = result.errors[0]
+            where = first.file + (f" [{first.key}]" if first.key else "")
+            files = len({e.file for e in result.errors})
+            sys.stderr.write(f"error: {files} of {len(result.files)} file(s) could not be fully scored "
+                             f"(first: {where}: {_one_line(first.error)}); fix them or pass --skip-errors "
+                             "to judge the others\n")
+        else:
+            sys.stderr.write(f"error: no noise in {noise_path} could be scored ({len(result.errors)} error(s))\n")
+    return code

@@ -201,6 +201,15 @@ def test_scan_empty_hidden_only_and_missing(tmp_path):
         scan_noise_path(tmp_path / "nope", trig)
 
 
+def test_cli_all_errors_with_skip_errors_is_exit_2(app, setup):
+    tmp, tpath, ben, mixed = setup
+    bad = tmp / "bad"
+    bad.mkdir()
+    (bad / "x.npy").write_bytes(b"garbage")
+    r = run(app, bad, "-t", tpath, "--skip-errors")
+    assert r.exit_code == 2 and "no noise" in r.stderr and "x.npy" in r.stdout
+
+
 def test_all_errors_never_clean(tmp_path):
     trig = synthetic_trigger("box", SHAPE)
     (tmp_path / "x.npy").write_bytes(b"garbage")
@@ -287,7 +296,10 @@ def test_cli_errors_exit_2_unless_skip_errors(app, setup):
     assert r.exit_code == 2
     doc = json.loads(r.stdout)
     assert doc["errors"][0]["file"] == "wrong.safetensors" and doc["summary"]["noises"] == 5
-    assert run(app, ben, "-t", tpath, "--skip-errors").exit_code == 0
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: 1 of 3 file(s)") and "wrong.safetensors [x]" in line and "--skip-errors" in line
+    r = run(app, ben, "-t", tpath, "--skip-errors")
+    assert r.exit_code == 0 and r.stderr == "" and "wrong.safetensors" in r.stdout
     save_file({"x": torch.randn(3, 8, 8)}, mixed / "wrong.safetensors")
     assert run(app, mixed, "-t", tpath).exit_code == 2
     assert run(app, mixed, "-t", tpath, "--skip-errors").exit_code == 1
