@@ -115,6 +115,9 @@ def _resolve_local(source: str, path: str) -> ResolvedSource:
                               name=_local_name(path))
     if os.path.isfile(path):
         root = os.path.dirname(path)
+        if path.lower().endswith(".json"):
+            raise ScanError(f"{source} is a config file, not weights; pass the folder holding it "
+                            f"({root}) or the .safetensors file with --config")
         base = os.path.basename(path)
         stem = base.split(".")[0] if not base.startswith("diffusion_pytorch_model") else os.path.basename(root)
         return ResolvedSource(source=source, kind="local", root=root, allowed_root=_link_boundary(root),

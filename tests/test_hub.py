@@ -39,6 +39,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(c))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     return c
@@ -208,8 +209,7 @@ def test_private_repo_needs_token(hub, monkeypatch, unets):
 
 
 def test_private_repo_token_from_env(hub, monkeypatch, cache):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(hf_constants, "HF_TOKEN", TOKEN, raising=False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # huggingface_hub reads it at call time
     m = load_model("org/private")
     assert m.provenance.resolved_commit == hub.sha_private
 

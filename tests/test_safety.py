@@ -431,6 +431,29 @@ def test_bad_input_is_a_one_line_scan_error(tmp_path, tiny_unet, builder, exc_ty
     assert not (tmp_path / "pwned").exists(), "code from the model ran"
 
 
+def test_permission_denied_is_a_one_line_error(tmp_path, tiny_unet, monkeypatch):
+    """Same as unreadable_weights, but also when running as root (where chmod 0 does not stop reads)."""
+    d = fm.save_bare(tmp_path / "m", tiny_unet)
+    real_open = open
+
+    def deny(path, *a, **kw):
+        if str(path).endswith(W):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(safety, "open", deny, raising=False)
+    with pytest.raises(ScanError) as info:
+        load_model(d)
+    msg = str(info.value)
+    assert "permission denied" in msg and "\n" not in msg
+
+
+def test_json_file_as_source_points_to_the_folder(model_dirs):
+    with pytest.raises(ScanError) as info:
+        load_model(os.path.join(model_dirs["pipeline"], "model_index.json"))
+    assert "pass the folder" in str(info.value)
+
+
 def test_at_least_twenty_cases():
     assert len(CASES) >= 20
 
