@@ -1,0 +1,76 @@
+"""TERD reversion on closed-form denoisers (fast, exact backdoors) and its invariants."""
+
+import pytest
+import torch
+
+from analytic_models import SCHEDULE, AnalyticUNet, box_trigger, corner_target
+from terd_scan.denoisers import DDPMDenoiser
+from terd_scan.detection import kl_features
+from terd_scan.presets import settings_for
+from terd_scan.reversion import pair_loss, reverse_trigger
+
+FAST = settings_for("fast")
+
+
+def cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def test_pair_loss_cancels_the_attack_coefficient_at_the_true_trigger():
+    """At r = trigger the backdoored residual e - eps is the same for both noises: L ~ 0,
+    without knowing the attack's output coefficient; at r = 0 it is not."""
+    r = box_trigger()
+    den = DDPMDenoiser(AnalyticUNet(r, corner_target()), SCHEDULE)
+    g = torch.Generator().manual_seed(0)
+    x0, t, ones = torch.randn(16, *r.shape, generator=g), torch.full((16,), 995), torch.ones_like(r)
+    at_trigger = pair_loss(den, x0, r, ones, t, 1.0, g)
+    at_zero = pair_loss(den, x0, torch.zeros_like(r), ones, t, 1.0, g)
+    assert float(at_trigger) < 1e-3 * float(at_zero)
+
+
+def test_recovers_a_box_trigger_and_flags_it_against_a_benign_model():
+    r_true = box_trigger()
+    bad = reverse_trigger(DDPMDenoiser(AnalyticUNet(r_true, corner_target()), SCHEDULE), FAST, seed=0)
+    good = reverse_trigger(DDPMDenoiser(AnalyticUNet(), SCHEDULE), FAST, seed=0)
+    assert cos(bad.r, r_true) > 0.9
+    assert kl_features(bad.r, bad.gamma).mean_kl > 1.5 * kl_features(good.r, good.gamma).mean_kl
+    assert torch.allclose(bad.gamma, torch.ones_like(bad.gamma), atol=0.05)
+
+
+def test_deterministic_given_seed_and_frozen_network():
+    unet = AnalyticUNet(box_trigger(), corner_target())
+    den = DDPMDenoiser(unet, SCHEDULE)
+    a = reverse_trigger(den, settings_for("fast", stage1_iterations=20, stage2_iterations=2), seed=3)
+    b = reverse_trigger(den, settings_for("fast", stage1_iterations=20, stage2_iterations=2), seed=3)
+    assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
+    assert all(not p.requires_grad for p in unet.parameters()) and not unet.training
+    assert a.network_evaluations == 20 * 2 * 16 + 2 * (16 * 10 + 2 * 2 * 16)
+    assert len(a.trace["loss"]) == 22 and a.trace["stage"].count(2) == 2
+
+
+def test_gamma_respects_its_floor():
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    res = reverse_trigger(den, settings_for("fast", stage1_iterations=30, stage2_iterations=0, gamma_lr=50.0,
+                                            gamma_floor=0.2), seed=0)
+    assert float(res.gamma.min()) >= 0.2 - 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_types_are_converted_to_epsilon(prediction_type):
+    """A network predicting v or x0 gives the same eps as the epsilon network it was made from."""
+    base = AnalyticUNet(box_trigger(), corner_target())
+    eps_den = DDPMDenoiser(base, SCHEDULE)
+
+    class Converted(torch.nn.Module):
+        config = base.config
+
+        def forward(self, x, t):
+            eps = base(x, t).sample
+            a = base.abar[t].view(-1, 1, 1, 1)
+            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            out = a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else x0
+            return type("O", (), {"sample": out})
+
+    den = DDPMDenoiser(Converted(), {**SCHEDULE, "prediction_type": prediction_type})
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([10, 300, 700, 990])
+    assert torch.allclose(den.eps(x, t), eps_den.eps(x, t), atol=1e-3)
