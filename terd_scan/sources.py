@@ -24,6 +24,7 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 CONFIG_PATTERNS = ["model_index.json", "config.json", "*/config.json", "scheduler_config.json",
                    "*/scheduler_config.json"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_DOWNLOAD_BYTES = 8 * 1024**3  # = safety.MAX_WEIGHT_BYTES
 
 
 @dataclass
@@ -236,19 +237,25 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
     token_given = bool(token or os.environ.get("HF_TOKEN"))
     offline = bool(constants.HF_HUB_OFFLINE)
     remote_files = None
+    sizes: dict[str, int] = {}
     with _hub_errors(repo_id, revision, token_given):
         if offline:
             from huggingface_hub import resolve_revision
 
             sha = str(resolve_revision(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True).resolved)
         else:
-            info = HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, revision=revision, token=token)
-            sha = info.sha
-            if info.siblings is not None:
-                remote_files = sorted(s.rfilename for s in info.siblings)
+            api = HfApi(endpoint=constants.ENDPOINT)
+            sha = api.model_info(repo_id, revision=revision, token=token).sha
         if not isinstance(sha, str) or not SHA_RE.match(sha):
             raise ScanError(f"the Hub returned no commit sha for {repo_id}@{revision or 'main'}; retry, or pass "
                             "--revision <40-hex commit>")
+        if not offline:
+            # the file list with sizes of exactly that commit: nothing oversized is ever downloaded
+            sizes = {f.path: int(getattr(f, "size", 0) or 0)
+                     for f in api.list_repo_tree(repo_id, revision=sha, recursive=True, token=token)
+                     if type(f).__name__ == "RepoFile"}
+            remote_files = sorted(sizes)
+            _check_config_sizes(repo_id, sizes)
         with _progress_bars(progress):
             path = snapshot_download(repo_id, revision=sha, cache_dir=cache_dir, token=token,
                                      allow_patterns=CONFIG_PATTERNS, local_files_only=offline)
@@ -269,6 +276,11 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
 
         if not allow_pickle and rel_path.lower().endswith(PICKLE_SUFFIXES):
             return os.path.join(path, rel_path)  # never downloaded: the loader refuses it by name
+        size = sizes.get(rel_path, 0)
+        if size > MAX_DOWNLOAD_BYTES:
+            raise ScanError(f"{repo_id}: {rel_path} is {size / 1024**3:.1f} GiB, over the "
+                            f"{MAX_DOWNLOAD_BYTES // 1024**3} GiB limit for one weights file; this is not a pixel-space "
+                            "UNet terd-scan can scan")
         with _hub_errors(repo_id, revision, token_given), _progress_bars(progress):
             return hf_hub_download(repo_id, rel_path, revision=sha, cache_dir=cache_dir, token=token,
                                    local_files_only=offline)
@@ -277,6 +289,17 @@ def resolve_hub(source: str, repo_id: str, revision: str | None, *, token: str |
                           requested_revision=revision, resolved_commit=sha,
                           name=sanitize_name(repo_id.split("/")[-1]), notes=notes,
                           remote_files=remote_files, fetch=fetch)
+
+
+def _check_config_sizes(repo_id: str, sizes: dict[str, int]) -> None:
+    import fnmatch
+
+    from .safety import MAX_CONFIG_BYTES
+
+    for p, size in sizes.items():
+        if size > MAX_CONFIG_BYTES and any(fnmatch.fnmatch(p, pat) for pat in CONFIG_PATTERNS):
+            raise ScanError(f"{repo_id}: {p} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit for a config "
+                            "file; not downloaded: this is not a model terd-scan can scan")
 
 
 @contextlib.contextmanager

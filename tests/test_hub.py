@@ -195,6 +195,24 @@ def test_pickle_repo_refused_unless_allowed(hub, unets):
     assert m.provenance.pickle_loaded and torch.allclose(_output(m), _ref(unets[0]), atol=1e-6)
 
 
+def test_oversized_files_are_refused_before_download(hub, repo_folders, monkeypatch):
+    import terd_scan.sources as sources
+
+    big = b'{"_class_name": "UNet2DModel", "pad": "' + b"x" * 1_100_000 + b'"}'
+    hub.create_repo("org/bigconfig")
+    hub.commit("org/bigconfig", repo_folders["v2"], files={"unet/config.json": big})
+    with pytest.raises(ScanError) as info:
+        load_model("org/bigconfig")
+    assert "over the 1000000-byte limit" in _one_line(info.value)
+    assert not any("/resolve/" in p for _m, p in hub.requests if "org/bigconfig" in p)
+
+    monkeypatch.setattr(sources, "MAX_DOWNLOAD_BYTES", 1000)
+    with pytest.raises(ScanError) as info:
+        load_model("org/tiny")
+    assert "limit for one weights file" in _one_line(info.value)
+    assert not any(p.endswith(".safetensors") for _m, p in hub.requests)
+
+
 # ---------------------------------------------------------------- access errors
 
 
