@@ -89,7 +89,8 @@ class _Reader:
         self.files: list[FileRecord] = []
 
     def rel(self, path: str) -> str:
-        return _rel(self.src.root, path)
+        rel = _rel(self.src.root, path)
+        return os.path.abspath(path) if rel.startswith("../") else rel  # e.g. a --config outside the source
 
     def json(self, path: str, role: str, what: str) -> dict:
         cfg, rf = safety.read_json_config(path, what, allowed_root=self._allowed(path))
@@ -221,13 +222,12 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
     model kinds terd-scan cannot scan; UnsafeFileError for refused pickles or code.
     `progress`: Hub download bars on stderr (None: only when stderr is a terminal).
     """
+    if config is not None and not os.path.isfile(config):
+        raise ScanError(f"config file not found: {config}; pass the UNet's config.json")
     src = resolve_source(source, revision=revision, token=token, cache_dir=cache_dir, allow_pickle=allow_pickle,
                          progress=progress)
     notes = list(src.notes)
     reader = _Reader(src)
-
-    if config is not None and not os.path.isfile(config):
-        raise ScanError(f"config file not found: {config}; pass the UNet's config.json")
 
     if src.weights_file is not None:  # a single weights file
         pipeline_class = None

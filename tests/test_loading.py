@@ -76,8 +76,11 @@ def test_single_file_with_explicit_config(tmp_path, model_dirs, tiny_unet):
     shutil.copy(os.path.join(model_dirs["bare"], "diffusion_pytorch_model.safetensors"), tmp_path / "weights.safetensors")
     with pytest.raises(ScanError, match="no config"):
         load_model(str(tmp_path / "weights.safetensors"))
-    m = load_model(str(tmp_path / "weights.safetensors"), config=os.path.join(model_dirs["bare"], "config.json"))
+    cfg = os.path.join(model_dirs["bare"], "config.json")
+    m = load_model(str(tmp_path / "weights.safetensors"), config=cfg)
     assert m.name == "weights" and _same_output(m, tiny_unet)
+    paths = {f.role: f.path for f in m.provenance.files}
+    assert paths == {"config": os.path.abspath(cfg), "weights": "weights.safetensors"}  # outside the root: absolute
 
 
 def test_prefers_safetensors_over_pickle(tmp_path, tiny_unet):
