@@ -168,12 +168,15 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
     # The report names the trigger file as given, hashes it, and records the tool.
     from .input_detection import trigger_summary
 
-    result.trigger = trigger_summary(trig, trigger_path)
+    result.trigger = trigger_summary(trig, trigger_path, threshold)
     doc = result.to_dict(tool=TOOL_NAME, version=__version__)
     text = json.dumps(doc, allow_nan=False)
     if out is not None:
         _write_atomic(out, text + "\n")
     if as_json:
+        if not quiet:
+            for w in result.trigger.get("warnings", []):
+                sys.stderr.write(f"warning: {_one_line(w)}\n")
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     elif not quiet:

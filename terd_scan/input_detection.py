@@ -39,7 +39,7 @@ from .trigger import Trigger
 __all__ = [
     "InvalidNoiseError", "NonFiniteNoiseError", "NoiseShapeError", "NoiseFilter", "score_noises", "is_poisoned",
     "scan_noise_path", "InputsResult", "NoiseRecord", "NoiseFileIssue", "FileSummary",
-    "render_rich", "trigger_summary", "synthetic_trigger", "SYNTHETIC_TRIGGERS",
+    "render_rich", "trigger_summary", "trigger_warnings", "synthetic_trigger", "SYNTHETIC_TRIGGERS",
     "sample_trigger_noises", "ground_truth_trigger",
 ]
 
@@ -90,6 +90,31 @@ class NoiseFilter:
         self._b = r * inv_var
         self._c = float(-torch.log(gamma).sum() - 0.5 * (r * r * inv_var).sum())
         self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def expected_rates(self) -> dict:
+        """Closed-form mean and standard deviation of the score under the benign N(0, I) and under
+        the trigger distribution itself, and the error rates they imply at the threshold (normal
+        approximation of a sum of d independent terms; exact when gamma = 1, where the score is
+        Gaussian). `kl` = KL(trigger || N(0, I)) = the mean score of trigger noises.
+
+        A trigger close to N(0, I) (small kl, e.g. one reversed from a benign model) separates
+        poorly: expect false positives. This is about the trigger given; how well it matches the
+        model's real trigger is another matter (see benchmarks/bench_inputs.py --reversed)."""
+        a, b = self._a, self._b
+        g = self.trigger.gamma.detach().to(torch.float64).reshape(-1)
+        r = self.trigger.r.detach().to(torch.float64).reshape(-1)
+        mu_b = self._c + float(a.sum())
+        sd_b = math.sqrt(float((2 * a * a + b * b).sum()))
+        mu_p = self._c + float((a * (r * r + g * g) + b * r).sum())
+        sd_p = math.sqrt(float(((2 * a * r * g + b * g) ** 2 + 2 * (a * g * g) ** 2).sum()))
+
+        def upper(mu, sd):  # P(score > threshold)
+            if sd == 0:
+                return float(mu > self.threshold)
+            return 0.5 * math.erfc((self.threshold - mu) / (sd * math.sqrt(2)))
+
+        return {"kl": mu_p, "benign_mean": mu_b, "benign_sd": sd_b, "trigger_mean": mu_p, "trigger_sd": sd_p,
+                "expected_fpr": upper(mu_b, sd_b), "expected_tpr": upper(mu_p, sd_p)}
 
     def _coeffs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._per_device:
@@ -245,9 +270,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def trigger_summary(trigger: Trigger, path: str | os.PathLike | None = None) -> dict:
-    """What the report says about the trigger: file, shape, sha256 of the file, scalar metadata and
-    a few statistics of (r, gamma)."""
+# Warn when the trigger itself implies more false positives than this (fraction of benign noises).
+FPR_WARNING = 1e-3
+
+
+def trigger_warnings(trigger: Trigger, threshold: float = 0.0) -> list[str]:
+    """Reasons to distrust verdicts made with this trigger (empty when none)."""
+    out = []
+    verdict = (trigger.metadata or {}).get("verdict")
+    if isinstance(verdict, str) and verdict != "backdoored":
+        out.append(f"the model this trigger was reversed from was judged {verdict!r}: its reversed trigger "
+                   "is not a backdoor, so flags are likely false positives")
+    rates = NoiseFilter(trigger, threshold).expected_rates()
+    if rates["expected_fpr"] > FPR_WARNING:
+        out.append(f"this trigger is close to N(0, I) (KL {rates['kl']:.3g}): about "
+                   f"{100 * rates['expected_fpr']:.2g}% of benign noises are expected to be flagged")
+    return out
+
+
+def trigger_summary(trigger: Trigger, path: str | os.PathLike | None = None, threshold: float = 0.0) -> dict:
+    """What the report says about the trigger: file, shape, sha256 of the file, scalar metadata, a
+    few statistics of (r, gamma), the error rates the trigger implies at `threshold` against
+    benign N(0, I) noises and its own distribution (see NoiseFilter.expected_rates), and warnings."""
     meta = {k: v for k, v in (trigger.metadata or {}).items()
             if isinstance(v, (str, int, float, bool)) or v is None}
     meta = {k: (v[:200] if isinstance(v, str) else v) for k, v in sorted(meta.items())}
@@ -257,7 +301,9 @@ def trigger_summary(trigger: Trigger, path: str | os.PathLike | None = None) -> 
             "shape": list(trigger.shape),
             "metadata": meta,
             "r_l2": float(r.norm()), "gamma_mean": float(g.mean()),
-            "gamma_min": float(g.min()), "gamma_max": float(g.max())}
+            "gamma_min": float(g.min()), "gamma_max": float(g.max()),
+            "expected": NoiseFilter(trigger, threshold).expected_rates(),
+            "warnings": trigger_warnings(trigger, threshold)}
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -291,7 +337,7 @@ def scan_noise_path(path: str | os.PathLike, trigger: Trigger | str | os.PathLik
         extra = f" ({len(listing.skipped)} hidden/temporary file(s) skipped)" if listing.skipped else ""
         hint = "" if recursive else "; use --recursive to look in subdirectories"
         raise ScanError(f"no noise files found in {root}{extra}{hint}")
-    result = InputsResult(path=str(root), trigger=trigger_summary(trigger, trigger_path),
+    result = InputsResult(path=str(root), trigger=trigger_summary(trigger, trigger_path, filt.threshold),
                           threshold=filt.threshold, skipped=[_rel(p, root) for p in listing.skipped])
     if on_start:
         on_start(len(listing.files))
@@ -362,6 +408,8 @@ def render_rich(result: InputsResult, console, skip_errors: bool = False) -> Non
     console.print(f"trigger: {escape(str(src))}  shape {tuple(t['shape'])}"
                   + (f"  {escape(origin)}" if origin else "")
                   + (f"  sha256 {t['sha256'][:12]}" if t.get("sha256") else ""))
+    for w in t.get("warnings", []):
+        console.print(f"[yellow]warning: {escape(w)}[/yellow]")
     s = result.summary()
     line = (f"threshold {result.threshold:g}: {s['files']} file(s), {s['noises']} noise(s), "
             f"[bold red]{s['poisoned']} poisoned[/bold red], {s['benign']} benign, "

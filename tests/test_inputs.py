@@ -23,6 +23,16 @@ from terd_scan.trigger import Trigger
 SHAPE = (3, 16, 16)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests do small memory-bound tensor ops: on a busy 2-core box two intra-op threads
+    stall each other (measured 10-40x slower), so run them on one thread and restore after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -424,3 +434,40 @@ def test_non_finite_anywhere_is_caught(kind, value):
         x[2][pos] = value
         with pytest.raises(NonFiniteNoiseError, match="index 2"):
             filt.scores(x)
+
+
+@pytest.mark.parametrize("case", ["weak", "near_benign", "random_gamma", "box"])
+def test_expected_rates_match_empirical(case):
+    g = _gen(12)
+    trig = {"weak": lambda: synthetic_trigger("weak", SHAPE),
+            "box": lambda: synthetic_trigger("box", SHAPE),
+            "near_benign": lambda: Trigger(r=0.1 * torch.randn(SHAPE, generator=g), gamma=torch.full(SHAPE, 0.95)),
+            "random_gamma": lambda: Trigger(r=0.05 * torch.randn(SHAPE, generator=g),
+                                            gamma=0.9 + 0.2 * torch.rand(SHAPE, generator=g))}[case]()
+    filt = NoiseFilter(trig)
+    e = filt.expected_rates()
+    sp = filt.scores(sample_trigger_noises(trig, 20000, g))
+    sb = filt.scores(torch.randn(20000, *SHAPE, generator=g))
+    assert abs(e["expected_fpr"] - (sb > 0).double().mean().item()) < 0.01
+    assert abs(e["expected_tpr"] - (sp > 0).double().mean().item()) < 0.01
+    assert abs(e["benign_mean"] - sb.mean().item()) < 0.05 * e["benign_sd"] + 1e-9
+    assert abs(e["trigger_mean"] - sp.mean().item()) < 0.05 * e["trigger_sd"] + 1e-9
+    assert (e["expected_fpr"] > 1e-3) == bool(det.trigger_warnings(trig))
+
+
+def test_warnings_in_reports(app, tmp_path):
+    trig = Trigger(r=0.1 * torch.randn(SHAPE, generator=_gen(13)), gamma=torch.full(SHAPE, 0.95),
+                   metadata={"model": "m", "verdict": "clean"})
+    tpath = tmp_path / "trigger.safetensors"
+    trig.save(tpath)
+    d = tmp_path / "n"
+    d.mkdir()
+    np.save(d / "x.npy", torch.randn(4, *SHAPE, generator=_gen(14)).numpy())
+    r = run(app, d, "-t", tpath, "-f", "json")
+    doc = json.loads(r.stdout)
+    warns = doc["trigger"]["warnings"]
+    assert len(warns) == 2 and "judged 'clean'" in warns[0] and "close to N(0, I)" in warns[1]
+    assert doc["trigger"]["expected"]["expected_fpr"] > 0.01
+    assert r.stderr.count("warning: ") == 2
+    r = run(app, d, "-t", tpath)
+    assert "warning: the model this trigger was reversed from was judged" in " ".join(r.stdout.split())
