@@ -209,6 +209,9 @@ def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str
     if unet_key is None:
         raise ScanError(f"{where} names no 'unet' component; expected \"unet\": [\"diffusers\", \"UNet2DModel\"]")
     for key, (lib, comp_cls) in components.items():
+        if key in (unet_key, "scheduler") and lib != "diffusers":
+            raise UnsupportedModelError(f"{where}: component '{key}' comes from {lib!r}, not diffusers; terd-scan "
+                                        "loads only diffusers' own UNet2DModel and schedulers")
         if key == unet_key:
             if comp_cls == "UNet2DConditionModel":
                 raise UnsupportedModelError(CAPTION_MSG.format(what=f"the UNet2DConditionModel in {where}"))

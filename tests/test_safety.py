@@ -260,6 +260,10 @@ def custom_component_tuple(tmp, unet):
     return d, kw
 
 
+def unet_from_other_library(tmp, unet):
+    return _index(tmp, unet, lambda i: {**i, "unet": ["transformers", "UNet2DModel"]})
+
+
 def python_file_in_unet_folder(tmp, unet):
     d = _pipe(tmp, unet)
     open(os.path.join(d, "unet", "modeling.py"), "w").write(f"open({str(tmp / 'pwned')!r}, 'w')\n")
@@ -398,6 +402,7 @@ CASES = [
     (custom_pipeline_tuple, UnsafeFileError, "custom pipeline code"),
     (custom_component_tuple, UnsafeFileError, "custom code"),
     (python_file_in_unet_folder, UnsafeFileError, "Python code"),
+    (unet_from_other_library, UnsupportedModelError, "not diffusers"),
     (malformed_model_index, ScanError, "model_index.json"),
     (ve_sde_scheduler, UnsupportedModelError, "ScoreSdeVeScheduler"),
     (bad_scheduler_values, ScanError, "num_train_timesteps"),
