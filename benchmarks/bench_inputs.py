@@ -41,6 +41,7 @@ from terd_scan.trigger import Trigger  # noqa: E402
 
 
 def rates(score_trigger: Trigger, poison_trigger: Trigger | None, n: int, seed: int, threshold: float):
+    """(TPR, TNR, mean score of poisoned noises, mean score of benign noises)."""
     filt = NoiseFilter(score_trigger, threshold)
     gen = torch.Generator().manual_seed(seed)
     benign = torch.randn((n, *score_trigger.shape), generator=gen)
@@ -68,8 +69,29 @@ def find_true_trigger(trig: Trigger, path: Path, zoo_gts: dict[str, Path]) -> Pa
     return None
 
 
+def zoo_label(trig: Trigger, path: Path, zoo: Path | None) -> str:
+    """benign / backdoored from the zoo sidecar (terd-zoo.json) of the model the trigger came from."""
+    meta = trig.metadata or {}
+    dirs = [Path(str(meta["source"]))] if meta.get("source") else []
+    if zoo:
+        dirs += [zoo / str(meta.get("model", "")), zoo / path.parent.name]
+    for d in dirs:
+        side = d / "terd-zoo.json"
+        if side.is_file():
+            try:
+                return str(json.loads(side.read_text()).get("label", "?"))
+            except (OSError, ValueError):
+                return "?"
+    return "?"
+
+
 def fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
+
+
+def predicted(score_trigger: Trigger, same_as_poison: bool, threshold: float) -> dict:
+    e = NoiseFilter(score_trigger, threshold).expected_rates()
+    return {"pred_tnr": 1 - e["expected_fpr"], "pred_tpr": e["expected_tpr"] if same_as_poison else None}
 
 
 def quality(args) -> list[dict]:
@@ -79,13 +101,15 @@ def quality(args) -> list[dict]:
         t = synthetic_trigger(kind, shape)
         rows.append({"trigger": f"synthetic:{kind}", "shape": shape, "scored with": "true", "poison from": "true",
                      **dict(zip(("tpr", "tnr", "mean_s_poison", "mean_s_benign"),
-                                rates(t, t, args.n, args.seed, args.threshold)))})
+                                rates(t, t, args.n, args.seed, args.threshold))),
+                     **predicted(t, True, args.threshold)})
     gts = zoo_ground_truths(Path(args.zoo)) if args.zoo else {}
     for name, gt in gts.items():
         t = ground_truth_trigger(gt)
         rows.append({"trigger": f"zoo:{name}", "shape": t.shape, "scored with": "true", "poison from": "true",
                      **dict(zip(("tpr", "tnr", "mean_s_poison", "mean_s_benign"),
-                                rates(t, t, args.n, args.seed, args.threshold)))})
+                                rates(t, t, args.n, args.seed, args.threshold))),
+                     **predicted(t, True, args.threshold)})
     if args.reversed:
         for p in sorted(Path(args.reversed).rglob("trigger.safetensors")):
             rev = Trigger.load(p)
@@ -94,11 +118,13 @@ def quality(args) -> list[dict]:
             if true is not None and true.shape != rev.shape:
                 true = None
             label = (rev.metadata or {}).get("model") or p.parent.name
-            rows.append({"trigger": f"reversed:{label}", "shape": rev.shape, "scored with": "reversed",
+            kind = zoo_label(rev, p, Path(args.zoo) if args.zoo else None)
+            rows.append({"trigger": f"reversed:{label} ({kind})", "shape": rev.shape, "scored with": "reversed",
                          "poison from": "true" if true is not None else "self",
                          **dict(zip(("tpr", "tnr", "mean_s_poison", "mean_s_benign"),
                                     rates(rev, true if true is not None else rev, args.n, args.seed,
-                                          args.threshold)))})
+                                          args.threshold))),
+                         **predicted(rev, true is None, args.threshold)})
     return rows
 
 
@@ -199,11 +225,14 @@ def main(argv=None) -> int:
         print(json.dumps({"env": env, "quality": q, "speed": s, "scan": e}, default=list))
         return 0
     print(f"## Detection quality (n = {args.n} per kind, threshold {args.threshold:g}, seed {args.seed})")
-    print("TPR = trigger-distribution noises flagged; TNR = benign N(0, I) noises passing.\n")
+    print("TPR = trigger-distribution noises flagged; TNR = benign N(0, I) noises passing. "
+          "Closed form: NoiseFilter.expected_rates (normal approximation; TPR only where the noises come "
+          "from the scoring trigger).\n")
     for r in q:
         r["shape"] = "x".join(map(str, r["shape"]))
     print(table(q, [("trigger", "trigger", "s"), ("shape", "shape", "s"), ("scored with", "scored with", "s"),
                     ("poison from", "poison from", "s"), ("tpr", "TPR", ".4f"), ("tnr", "TNR", ".4f"),
+                    ("pred_tpr", "TPR (closed form)", ".4f"), ("pred_tnr", "TNR (closed form)", ".4f"),
                     ("mean_s_poison", "mean score (poisoned)", ".1f"), ("mean_s_benign", "mean score (benign)", ".1f")]))
     print(f"\n## Scoring speed (torch {env['torch']}, {env['threads']} threads, {env['cpus']} CPUs; "
           "float32 input, float64 accumulation)\n")
