@@ -142,13 +142,16 @@ class NoiseFilter:
         n = flat.shape[0]
         a, b = self._coeffs(flat.device)
         out = torch.empty(n, dtype=torch.float64, device=flat.device)
+        row_sums = torch.empty(n, dtype=torch.float64, device=flat.device)
         rows = max(1, _CHUNK_ELEMENTS // max(self.dim, 1))
         for start in range(0, n, rows):
             chunk = flat[start:start + rows].to(torch.float64)
             out[start:start + rows] = self._c + (chunk * chunk) @ a + chunk @ b
-        # A NaN/Inf anywhere in a noise makes its score NaN/Inf (inf * 0 is NaN, +inf - inf is NaN), so
-        # checking the N scores finds bad noises without a second O(N d) pass over the input.
-        finite = torch.isfinite(out)
+            # NaN/Inf detection must not rely on the matrix-vector products: a BLAS may skip the
+            # columns whose coefficient is 0 (r = 0, gamma = 1), dropping a NaN there. A plain sum
+            # (on the chunk while it is in cache) is NaN/Inf exactly when the noise holds one.
+            row_sums[start:start + rows] = chunk.sum(dim=1)
+        finite = torch.isfinite(out) & torch.isfinite(row_sums)
         if not bool(finite.all()):
             bad = torch.nonzero(~finite).flatten().tolist()
             raise NonFiniteNoiseError(f"{len(bad)} of {n} noise(s) contain NaN/Inf (first at index {bad[0]}); "
