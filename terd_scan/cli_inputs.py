@@ -100,9 +100,7 @@ def inputs_command(
 ) -> None:
     """Flag starting noises x_T that carry a reversed trigger N(r, gamma^2).
 
-    Every file is read by its content (never unpickled: torch files only via weights-only loading).
-    Hidden files (.DS_Store, .git) and *.partial/*.tmp are skipped; any other file that is not a
-    noise file, or whose shape does not match the trigger, is listed as an error.
+    Files are read by content, never unpickled (torch files only via weights-only loading). Hidden files (.DS_Store, .git) and *.partial/*.tmp are skipped; any other file that is not a noise file, or whose shape does not match the trigger, is listed as an error.
 
     Exit codes: 0 no poisoned noise, 1 at least one poisoned noise, 2 error.
     """
