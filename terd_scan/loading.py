@@ -283,15 +283,21 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
     rf, fmt = reader.weights(weights_path)
     pickle_loaded = False
     if fmt == "safetensors":
-        sd = safety.load_safetensors_bytes(rf, expected)
+        rename = safety.legacy_key_map(meta_unet, safety.safetensors_header(rf.data, rf.path))
+        sd = safety.load_safetensors_bytes(rf, expected, rename)
     else:
         if not allow_pickle:
             safety.refuse_pickle(rf, rel_w)
         sd = safety.load_pickle_bytes(rf, rel_w)
         pickle_loaded = True
         notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
+        rename = safety.legacy_key_map(meta_unet, sd)
     reader.record_weights(weights_path, rf, fmt)
     del rf
+    if rename:
+        sd = {rename.get(k, k): v for k, v in sd.items()}
+        notes.append(f"{rel_w}: {len(rename)} legacy attention weight names (query/key/value/proj_attn) mapped to "
+                     "to_q/to_k/to_v/to_out.0, as diffusers does on load")
     sd = safety.check_state_dict(sd, expected, rel_w)
     unet = _assign(meta_unet, sd, rel_w)
 

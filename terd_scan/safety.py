@@ -428,14 +428,17 @@ def safetensors_header(data: bytes, path: str) -> dict[str, dict]:
     return tensors
 
 
-def load_safetensors_bytes(rf: ReadFile, expected: dict[str, tuple] | None = None):
-    """Load a state dict from safetensors bytes; check keys and shapes against `expected` first."""
+def load_safetensors_bytes(rf: ReadFile, expected: dict[str, tuple] | None = None,
+                           rename: dict[str, str] | None = None):
+    """Load a state dict from safetensors bytes; check keys and shapes against `expected` first
+    (after applying `rename` to the stored names)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     header = safetensors_header(rf.data, rf.path)
     if expected is not None:
-        check_keys_and_shapes({k: v["shape"] for k, v in header.items()}, expected, rf.path)
+        rename = rename or {}
+        check_keys_and_shapes({rename.get(k, k): v["shape"] for k, v in header.items()}, expected, rf.path)
     try:
         sd = st_load(rf.data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -518,6 +521,25 @@ def load_pickle_bytes(rf: ReadFile, rel: str):
         raise ScanError(f"{rel} is not a flat state dict of tensors (got {type(obj).__name__}); save the UNet with "
                         "UNet2DModel.save_pretrained")
     return obj
+
+
+_LEGACY_ATTN = (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+
+
+def legacy_key_map(model, keys) -> dict[str, str]:
+    """Old diffusers attention names (query/key/value/proj_attn, e.g. google/ddpm-* checkpoints) -> current
+    ones (to_q/to_k/to_v/to_out.0), for the attention blocks diffusers itself converts on load
+    (modules flagged _from_deprecated_attn_block). Returns {old: new} for the keys present."""
+    paths = [name for name, mod in model.named_modules() if getattr(mod, "_from_deprecated_attn_block", False)]
+    keys = set(keys)
+    mapping = {}
+    for path in paths:
+        for old, new in _LEGACY_ATTN:
+            for suffix in ("weight", "bias"):
+                k = f"{path}.{old}.{suffix}"
+                if k in keys:
+                    mapping[k] = f"{path}.{new}.{suffix}"
+    return mapping
 
 
 def check_keys_and_shapes(got: dict[str, tuple], expected: dict[str, tuple], path: str) -> None:

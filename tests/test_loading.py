@@ -133,3 +133,28 @@ def test_unsupported_is_not_scan_clean(tmp_path, tiny_unet):
     fm.write_json(os.path.join(d, "model_index.json"), idx)
     with pytest.raises(UnsupportedModelError, match="not supported yet"):
         load_model(d)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pickle"])
+def test_legacy_attention_key_names_are_mapped(tmp_path, tiny_unet, safe):
+    """google/ddpm-* checkpoints predate diffusers' Attention class: query/key/value/proj_attn names."""
+    from safetensors.torch import save_file
+
+    new_to_old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = {}
+    for k, v in tiny_unet.state_dict().items():
+        for new, old in new_to_old.items():
+            if f".attentions." in k and f".{new}." in k:
+                k = k.replace(f".{new}.", f".{old}.")
+        sd[k] = v.clone().contiguous()
+    assert any(".proj_attn." in k for k in sd)
+    d = fm.save_bare(tmp_path / "legacy", tiny_unet)
+    os.remove(os.path.join(d, "diffusion_pytorch_model.safetensors"))
+    if safe:
+        save_file(sd, os.path.join(d, "diffusion_pytorch_model.safetensors"))
+        m = load_model(d)
+    else:
+        torch.save(sd, os.path.join(d, "diffusion_pytorch_model.bin"))
+        m = load_model(d, allow_pickle=True)
+    assert _same_output(m, tiny_unet)
+    assert any("legacy attention weight names" in n for n in m.provenance.notes)
