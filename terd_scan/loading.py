@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from . import safety
-from .errors import ScanError, UnsafeFileError
+from .errors import ScanError, UnsafeFileError, UnsupportedModelError
 from .sources import ResolvedSource, resolve_source
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,15 +131,15 @@ def _find_weights(names: list[str], rel_folder: str, notes: list[str]) -> str:
     """Pick the weights file of a component folder: safetensors first, pickles as a fallback."""
     where = rel_folder or "the model folder"
     safe = [n for n in WEIGHT_NAMES_SAFE if n in names]
+    if not safe and any(n.endswith(".safetensors.index.json") for n in names):
+        raise ScanError(f"sharded weights in {where} are not supported yet; merge the shards into one "
+                        "diffusion_pytorch_model.safetensors")
     if not safe:
         others = [n for n in names if n.endswith(".safetensors")]
         if len(others) > 1:
             raise ScanError(f"several .safetensors files in {where} ({', '.join(others[:4])}); keep one, or pass "
                             "the file itself with --config")
         safe = others
-    if not safe and any(n.endswith(".safetensors.index.json") for n in names):
-        raise ScanError(f"sharded weights in {where} are not supported yet; merge the shards into one "
-                        "diffusion_pytorch_model.safetensors")
     pickles = [n for n in WEIGHT_NAMES_PICKLE if n in names]
     if not pickles:
         pickles = [n for n in names if n.lower().endswith(safety.PICKLE_SUFFIXES)]
@@ -257,6 +257,10 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
         if "prediction_type" not in sched_cfg:
             notes.append("scheduler config has no prediction_type: diffusers' default 'epsilon' applies")
     else:
+        if unet_cfg.get("time_embedding_type") == "fourier":
+            raise UnsupportedModelError(f"not supported yet: {reader.rel(cfg_path)} is a score-SDE (NCSN++-style, "
+                                        "Fourier time embedding) UNet and no scheduler config says otherwise; "
+                                        "terd-scan scans DDPM/DDIM-family models")
         sched_cfg = dict(DEFAULT_SCHEDULER_CONFIG)
         schedule_origin = DEFAULT_SCHEDULE_ORIGIN
         notes.append(DEFAULT_SCHEDULE_NOTE)

@@ -356,6 +356,19 @@ def several_safetensors(tmp, unet):
     return d, {}
 
 
+def sharded_weights(tmp, unet):
+    d = _bare(tmp, unet)
+    os.rename(os.path.join(d, W), os.path.join(d, "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    shutil.copy(os.path.join(d, "diffusion_pytorch_model-00001-of-00002.safetensors"),
+                os.path.join(d, "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    fm.write_json(os.path.join(d, "diffusion_pytorch_model.safetensors.index.json"), {"weight_map": {}})
+    return d, {}
+
+
+def fourier_unet_without_scheduler(tmp, unet):
+    return _cfg(tmp, unet, lambda c: {**c, "time_embedding_type": "fourier"})
+
+
 def two_revisions(tmp, unet):
     return "org/name@v1", {"revision": "v2"}
 
@@ -416,6 +429,8 @@ CASES = [
     (config_option_missing_file, ScanError, "config file not found"),
     (single_file_without_config, ScanError, "no config"),
     (several_safetensors, ScanError, "several .safetensors"),
+    (sharded_weights, ScanError, "sharded weights"),
+    (fourier_unet_without_scheduler, UnsupportedModelError, "score-SDE"),
     (two_revisions, ScanError, "two revisions"),
 ]
 
