@@ -81,7 +81,7 @@ class FakeHub:
 
     @contextlib.contextmanager
     def serve(self):
-        server = self.start()
+        self.start()
         try:
             yield self.url
         finally:

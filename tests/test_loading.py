@@ -144,7 +144,7 @@ def test_legacy_attention_key_names_are_mapped(tmp_path, tiny_unet, safe):
     sd = {}
     for k, v in tiny_unet.state_dict().items():
         for new, old in new_to_old.items():
-            if f".attentions." in k and f".{new}." in k:
+            if ".attentions." in k and f".{new}." in k:
                 k = k.replace(f".{new}.", f".{old}.")
         sd[k] = v.clone().contiguous()
     assert any(".proj_attn." in k for k in sd)
