@@ -362,7 +362,7 @@ def _read_torch(path: Path) -> list[NoiseTensor]:
             raise UnsafeNoiseFileError(
                 f"refused: pickle with code or non-tensor objects{what}; not loaded. "
                 "Only tensors are accepted: re-save the noise with safetensors") from None
-        raise NoiseFileError(f"cannot load torch file: {_first_line(exc)}") from None
+        raise NoiseFileError(f"corrupt or truncated torch file: {_first_line(exc)}") from None
     if isinstance(obj, torch.Tensor):
         return [_check_dtype(None, obj)]
     if isinstance(obj, dict):

@@ -171,13 +171,11 @@ def test_truncated_files_are_errors(tmp_path, fmt):
         np.savez(p, x=x.numpy())
     else:
         torch.save(x, p)
-    _truncate(p, -100)
+    _truncate(p, -100)  # zips (npz, torch) lose their central directory, the others their data
     with pytest.raises(NoiseFileError) as info:
-        entries = read_noise_file(p)
-        # npz: the zip directory is at the end, so a cut npz is unreadable as a whole or per member
-        assert all(e.error for e in entries)
-        raise NoiseFileError("all members failed")
-    assert "\n" not in str(info.value)
+        read_noise_file(p)
+    assert "\n" not in str(info.value) and ("truncated" in str(info.value) or "corrupt" in str(info.value)
+                                            or "cannot load" in str(info.value))
 
 
 def test_header_lies_are_errors(tmp_path):
