@@ -273,7 +273,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# Warn when the trigger itself implies more false positives than this (fraction of benign noises).
+# Warn when the trigger itself implies more false positives or misses than this (closed form).
 FPR_WARNING = 1e-3
 
 
@@ -285,9 +285,11 @@ def trigger_warnings(trigger: Trigger, threshold: float = 0.0) -> list[str]:
         out.append(f"the model this trigger was reversed from was judged {verdict!r}: its reversed trigger "
                    "is not a backdoor, so flags are likely false positives")
     rates = NoiseFilter(trigger, threshold).expected_rates()
-    if rates["expected_fpr"] > FPR_WARNING:
-        out.append(f"this trigger is close to N(0, I) (KL {rates['kl']:.3g}): about "
-                   f"{100 * rates['expected_fpr']:.2g}% of benign noises are expected to be flagged")
+    fpr, fnr = rates["expected_fpr"], 1.0 - rates["expected_tpr"]
+    if fpr > FPR_WARNING or fnr > FPR_WARNING:
+        out.append(f"this trigger is close to N(0, I) (KL {rates['kl']:.3g}) and separates poorly: about "
+                   f"{100 * fpr:.2g}% of benign noises would be flagged and {100 * fnr:.2g}% of noises "
+                   "carrying it missed")
     return out
 
 

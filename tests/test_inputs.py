@@ -452,7 +452,13 @@ def test_expected_rates_match_empirical(case):
     assert abs(e["expected_tpr"] - (sp > 0).double().mean().item()) < 0.01
     assert abs(e["benign_mean"] - sb.mean().item()) < 0.05 * e["benign_sd"] + 1e-9
     assert abs(e["trigger_mean"] - sp.mean().item()) < 0.05 * e["trigger_sd"] + 1e-9
-    assert (e["expected_fpr"] > 1e-3) == bool(det.trigger_warnings(trig))
+    assert (e["expected_fpr"] > 1e-3 or e["expected_tpr"] < 1 - 1e-3) == bool(det.trigger_warnings(trig))
+
+
+def test_trivial_trigger_warns_and_flags_nothing():
+    trig = Trigger(r=torch.zeros(SHAPE), gamma=torch.ones(SHAPE))
+    assert not is_poisoned(trig, torch.randn(10, *SHAPE)).any()
+    assert "close to N(0, I)" in det.trigger_warnings(trig)[0]
 
 
 def test_warnings_in_reports(app, tmp_path):
