@@ -61,6 +61,18 @@ def parse_repo_id(source: str) -> tuple[str, str | None] | None:
     return repo, m.group("rev")
 
 
+_HUB_URL_RE = re.compile(r"^(?:hf://|https?://(?:www\.)?huggingface\.co/)(?P<repo>[^/@\s]+/[^/@\s]+)"
+                         r"(?:(?:/tree/|@)(?P<rev>[^\s]+?))?/?$")
+
+
+def _strip_hub_prefix(source: str) -> str:
+    """hf://org/name[@rev] and https://huggingface.co/org/name[/tree/rev] -> org/name[@rev]."""
+    m = _HUB_URL_RE.match(source)
+    if not m:
+        return source
+    return m.group("repo") + (f"@{m.group('rev')}" if m.group("rev") else "")
+
+
 def resolve_source(source: str, *, revision: str | None = None, token: str | None = None,
                    cache_dir: str | None = None, allow_pickle: bool = False,
                    progress: bool | None = None) -> ResolvedSource:
@@ -71,7 +83,7 @@ def resolve_source(source: str, *, revision: str | None = None, token: str | Non
         if revision is not None:
             raise ScanError(f"--revision applies to Hub repos, but {source} is a local path; drop --revision")
         return _resolve_local(source, expanded)
-    parsed = parse_repo_id(source)
+    parsed = parse_repo_id(_strip_hub_prefix(source))
     if parsed is None:
         raise ScanError(f"path not found: {source} (not a local file or folder, and not a Hub repo id like "
                         "org/name[@revision]); check the path")

@@ -129,6 +129,13 @@ def test_download_by_repo_id_main(hub, unets):
     assert os.path.realpath(p.root).endswith(hub.sha_v2)
 
 
+def test_hub_url_forms(hub):
+    for source in ("hf://org/tiny@dev", "https://huggingface.co/org/tiny/tree/dev", "https://huggingface.co/org/tiny@dev"):
+        m = load_model(source)
+        assert m.provenance.repo_id == "org/tiny" and m.provenance.resolved_commit == hub.sha_dev, source
+        assert m.provenance.source == source
+
+
 @pytest.mark.parametrize("how", ["at-branch", "revision-arg", "at-tag", "at-commit", "pr-ref"])
 def test_download_by_revision(hub, unets, how):
     hub.tag("org/tiny", "refs/pr/1", hub.sha_v1)  # a Hub pull request: the CI gate scans it before merging
