@@ -34,23 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from terd_scan.input_detection import (  # noqa: E402
-    SYNTHETIC_TRIGGERS, NoiseFilter, ground_truth_trigger, sample_trigger_noises, scan_noise_path,
-    synthetic_trigger,
+    SYNTHETIC_TRIGGERS, NoiseFilter, detection_rates, ground_truth_trigger, scan_noise_path, synthetic_trigger,
 )
 from terd_scan.trigger import Trigger  # noqa: E402
 
 
 def rates(score_trigger: Trigger, poison_trigger: Trigger | None, n: int, seed: int, threshold: float):
     """(TPR, TNR, mean score of poisoned noises, mean score of benign noises)."""
-    filt = NoiseFilter(score_trigger, threshold)
-    gen = torch.Generator().manual_seed(seed)
-    benign = torch.randn((n, *score_trigger.shape), generator=gen)
-    tnr = float((~filt.is_poisoned(benign)).double().mean())
-    if poison_trigger is None:
-        return None, tnr, None, float(filt.scores(benign).mean())
-    poisoned = sample_trigger_noises(poison_trigger, n, gen)
-    tpr = float(filt.is_poisoned(poisoned).double().mean())
-    return tpr, tnr, float(filt.scores(poisoned).mean()), float(filt.scores(benign).mean())
+    r = detection_rates(score_trigger, poison_trigger, n=n, seed=seed, threshold=threshold)
+    return r["tpr"], r["tnr"], r["mean_score_poisoned"], r["mean_score_benign"]
 
 
 def zoo_ground_truths(zoo: Path) -> dict[str, Path]:

@@ -40,7 +40,7 @@ __all__ = [
     "InvalidNoiseError", "NonFiniteNoiseError", "NoiseShapeError", "NoiseFilter", "score_noises", "is_poisoned",
     "scan_noise_path", "InputsResult", "NoiseRecord", "NoiseFileIssue", "FileSummary",
     "render_rich", "trigger_summary", "trigger_warnings", "synthetic_trigger", "SYNTHETIC_TRIGGERS",
-    "sample_trigger_noises", "ground_truth_trigger",
+    "sample_trigger_noises", "detection_rates", "ground_truth_trigger",
 ]
 
 VERDICT_POISONED = "poisoned"
@@ -472,6 +472,24 @@ def sample_trigger_noises(trigger: Trigger, n: int, generator: torch.Generator |
     """n noises from the trigger distribution: r + gamma * eps, eps ~ N(0, I); (n, C, H, W) float32."""
     eps = torch.randn((n, *trigger.shape), generator=generator)
     return trigger.r + trigger.gamma * eps
+
+
+def detection_rates(trigger: Trigger, poison_trigger: Trigger | None = None, n: int = 1000, seed: int = 0,
+                    threshold: float = 0.0) -> dict:
+    """Measured rates of the filter built on `trigger`, on n noises of each kind (fixed seed):
+    tpr = fraction of noises drawn from `poison_trigger` (default: `trigger` itself; pass a model's
+    TRUE trigger to judge a REVERSED one) that are flagged; tnr = fraction of benign N(0, I) noises
+    that pass. Also the mean scores of both kinds."""
+    filt = NoiseFilter(trigger, threshold)
+    poison_trigger = trigger if poison_trigger is None else poison_trigger
+    if tuple(poison_trigger.shape) != filt.shape:
+        raise NoiseShapeError(f"poison trigger shape {tuple(poison_trigger.shape)} differs from {filt.shape}")
+    gen = torch.Generator().manual_seed(seed)
+    benign = torch.randn((n, *filt.shape), generator=gen)
+    poisoned = sample_trigger_noises(poison_trigger, n, gen)
+    sb, sp = filt.scores(benign), filt.scores(poisoned)
+    return {"tpr": float((sp > filt.threshold).double().mean()), "tnr": float((sb <= filt.threshold).double().mean()),
+            "mean_score_poisoned": float(sp.mean()), "mean_score_benign": float(sb.mean()), "n": n}
 
 
 def ground_truth_trigger(path: str | os.PathLike, gamma_floor: float = 1e-3) -> Trigger:

@@ -64,6 +64,16 @@ def test_gamma_one_reduces_to_inner_product_rule():
     torch.testing.assert_close(score_noises(trig, x), expected, rtol=1e-10, atol=1e-9)
 
 
+def test_detection_rates_helper_with_a_reversed_like_trigger():
+    true = synthetic_trigger("patch", SHAPE)
+    rev = Trigger(r=true.r + 0.2 * torch.randn(SHAPE, generator=_gen(15)), gamma=torch.full(SHAPE, 1.1))
+    rates = det.detection_rates(rev, true, n=1000, seed=1)
+    assert rates["tpr"] >= 0.99 and rates["tnr"] >= 0.99
+    assert det.detection_rates(true, n=1000)["tpr"] >= 0.99
+    with pytest.raises(NoiseShapeError):
+        det.detection_rates(rev, synthetic_trigger("patch", (3, 8, 8)))
+
+
 @pytest.mark.parametrize("kind", ["box", "patch", "blend"])
 def test_detection_rates_on_known_triggers(kind):
     trig = synthetic_trigger(kind, (3, 32, 32))
