@@ -96,7 +96,8 @@ def inputs_command(
         "--out", "-o", metavar="FILE", show_default=False,
         help="Also write the JSON report to FILE (atomically).")] = None,
     quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No table and no progress bar; the exit code carries the verdict.")] = False,
+        "--quiet", "-q", help="Nothing on stdout (--out is still written), no progress bar; the exit code "
+                              "carries the verdict.")] = False,
 ) -> None:
     """Flag starting noises x_T that carry a reversed trigger N(r, gamma^2).
 
@@ -175,13 +176,14 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
     text = json.dumps(doc, allow_nan=False)
     if out is not None:
         _write_atomic(out, text + "\n")
-    if as_json:
-        if not quiet:
-            for w in result.trigger.get("warnings", []):
-                sys.stderr.write(f"warning: {_one_line(w)}\n")
+    if quiet:
+        pass  # the exit code (and --out) carry the result
+    elif as_json:
+        for w in result.trigger.get("warnings", []):
+            sys.stderr.write(f"warning: {_one_line(w)}\n")
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
-    elif not quiet:
+    else:
         render_rich(result, Console(), skip_errors=skip_errors)
         if out is not None:
             Console().print(f"report written to {out}", markup=False, highlight=False)

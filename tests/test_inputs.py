@@ -405,6 +405,8 @@ def test_cli_quiet_and_unwritable_out(app, setup):
     tmp, tpath, ben, mixed = setup
     r = run(app, mixed, "-t", tpath, "-q")
     assert r.exit_code == 1 and r.stdout == ""
+    r = run(app, mixed, "-t", tpath, "-q", "-f", "json", "--out", tmp / "q.json")
+    assert r.exit_code == 1 and r.stdout == "" and json.loads((tmp / "q.json").read_text())["summary"]["poisoned"] == 8
     (tmp / "afile").write_text("x")
     r = run(app, ben, "-t", tpath, "--out", tmp / "afile" / "r.json")
     assert r.exit_code == 2 and "cannot write report" in r.stderr
