@@ -230,6 +230,9 @@ def _read_safetensors(path: Path) -> list[NoiseTensor]:
         raise NoiseFileError(f"truncated safetensors file: header claims {n} bytes, file has {size}")
     out = []
     with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("format") == "terd-scan-trigger":
+            raise NoiseFileError("a terd-scan trigger file (r, gamma), not noises; keep it out of the noise "
+                                 "directory or pass it with --trigger")
         for key in sorted(f.keys()):
             try:
                 out.append(_check_dtype(key, f.get_tensor(key)))

@@ -259,3 +259,11 @@ def test_npz_member_with_lying_header_is_not_allocated(tmp_path):
     got = {nt.key: nt for nt in read_noise_file(tmp_path / "bomb.npz")}
     assert "truncated npy data" in got["huge"].error
     assert got["ok"].error is None and float(got["ok"].tensor.sum()) == float(np.prod(SHAPE))
+
+
+def test_trigger_file_is_not_read_as_noise(tmp_path):
+    from terd_scan.trigger import Trigger
+
+    Trigger(r=torch.zeros(SHAPE), gamma=torch.ones(SHAPE)).save(tmp_path / "other_trigger.safetensors")
+    with pytest.raises(NoiseFileError, match="trigger file"):
+        read_noise_file(tmp_path / "other_trigger.safetensors")
