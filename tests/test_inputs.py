@@ -401,6 +401,15 @@ def test_cli_unexpected_exception_is_exit_2(app, setup, monkeypatch):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_threads_option_restores(app, setup):
+    tmp, tpath, ben, mixed = setup
+    before = torch.get_num_threads()
+    assert run(app, ben, "-t", tpath, "--threads", "2").exit_code == 0
+    assert run(app, ben, "-t", tpath, "--threads", "0").exit_code == 0
+    assert torch.get_num_threads() == before
+    assert run(app, ben, "-t", tpath, "--threads", "-1").exit_code == 2  # Typer usage error
+
+
 def test_cli_quiet_and_unwritable_out(app, setup):
     tmp, tpath, ben, mixed = setup
     r = run(app, mixed, "-t", tpath, "-q")
