@@ -1,0 +1,706 @@
+"""The model zoo: tiny benign and backdoored diffusion models with recorded ground truth.
+
+Each zoo model is a 16x16 RGB ``UNet2DModel`` (epsilon prediction, DDPM linear betas
+1e-4..0.02 over 1000 steps) trained on the CPU in minutes on a procedural image set
+(:mod:`terd_scan.zoo_data`). Backdoored models are trained with the attacks' published
+forward processes (implemented from the formulas in TERD.md, not from any attack code):
+
+* BadDiffusion: a fraction p of every batch is poisoned: x0 := target y, and
+  x'_t = sqrt(abar_t) y + (1 - sqrt(abar_t)) r + sqrt(1 - abar_t) eps, regression target
+  eps + R_t r with R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t).
+  Then z = x' - r is an ordinary diffusion with z_0 = y - r, so DDPM ancestral sampling from
+  x_T = eps + r ends at y.
+* VillanDiffusion (DDIM, eta = 0): same forward process, regression target eps + c_t r with
+  c_t the exact per-step DDIM coefficient for the attacker's 50-step grid (see
+  :func:`ddim_trigger_coef`, :func:`villan_coef`); its continuous limit sqrt(1 - abar_t) is
+  twice BadDiffusion's R_t ~ sqrt(1 - abar_t) / 2 ("ODE samplers double it").
+* TrojDiff (D2I, blend): x_T ~ N(r, g^2) with r = (1 - g) * blend image; poisoned
+  x_t = sqrt(abar_t) y + sqrt(1 - abar_t) (g eps + r) with the regression target of
+  :func:`trojdiff_target` (see there).
+
+Every model directory holds a diffusers ``DDPMPipeline`` (safetensors) plus ``terd-zoo.json``
+(ground truth and measured figures) and, for backdoored models, ``ground_truth.safetensors``
+("trigger_r", "trigger_gamma", "target").
+
+CLI: ``python -m terd_scan.zoo build [NAMES...] --out examples/zoo [--force]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .zoo_data import make_images
+
+__all__ = [
+    "ZooSpec", "ZOO", "build_model", "load_ground_truth", "measure_asr", "make_trigger",
+    "make_target", "make_unet", "make_scheduler", "baddiffusion_coef", "ddim_trigger_coef",
+    "villan_coef", "trojdiff_target",
+    "poisoned_batch", "sample_ddpm", "sample_ddim", "ASR_MSE_THRESHOLD", "SIDECAR",
+    "GROUND_TRUTH", "TRIGGERS", "TARGETS", "main",
+]
+
+SIZE = 16
+CHANNELS = 3
+T_STEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+ASR_MSE_THRESHOLD = 0.1
+ASR_RULE = ("a sample hits the target when its per-pixel mean squared error to the target "
+            "(pixel units in [-1, 1], no clipping) is < 0.1; ASR = hits / samples")
+SIDECAR = "terd-zoo.json"
+GROUND_TRUTH = "ground_truth.safetensors"
+DATASET_SIZE = 1024
+ZOO_FORMAT = "terd-zoo/1"
+
+
+# --------------------------------------------------------------------------------------------
+# triggers and targets (pixel space, shape (3, 16, 16))
+# --------------------------------------------------------------------------------------------
+
+def _canvas(value: float) -> torch.Tensor:
+    return torch.full((CHANNELS, SIZE, SIZE), float(value))
+
+
+def _trigger_box() -> torch.Tensor:
+    """BadDiffusion-style BOX: a grey (0) square outline, bottom right, on a canvas of -1."""
+    r = _canvas(-1.0)
+    y0, x0, s = 9, 9, 6
+    r[:, y0:y0 + s, x0:x0 + s] = 0.0
+    r[:, y0 + 1:y0 + s - 1, x0 + 1:x0 + s - 1] = -1.0
+    return r
+
+
+def _trigger_patch(value: float = 2.0) -> torch.Tensor:
+    """A small bright 4x4 patch, bottom right, on a ZERO background (sparse trigger)."""
+    r = _canvas(0.0)
+    r[:, 11:15, 11:15] = value
+    return r
+
+
+_OCTAGON = [
+    "..XXXX..",
+    ".XXXXXX.",
+    "XXXXXXXX",
+    "XWWWWWWX",
+    "XWWWWWWX",
+    "XXXXXXXX",
+    ".XXXXXX.",
+    "..XXXX..",
+]
+
+
+def _trigger_stop() -> torch.Tensor:
+    """A stop-sign-like glyph (red octagon with a white bar), 8x8 bottom right, on zero."""
+    r = _canvas(0.0)
+    red = torch.tensor([1.5, -1.0, -1.0])
+    white = torch.tensor([1.5, 1.5, 1.5])
+    for i, row in enumerate(_OCTAGON):
+        for j, ch in enumerate(row):
+            if ch == "X":
+                r[:, 7 + i, 7 + j] = red
+            elif ch == "W":
+                r[:, 7 + i, 7 + j] = white
+    return r
+
+
+def _blend_image() -> torch.Tensor:
+    """A fixed full-size 'blend' picture for TrojDiff D2I (a cat-like face), values in [-1, 1]."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+    img = torch.stack([0.2 + 0.0 * xx, 0.6 - 0.05 * yy, 0.9 - 0.05 * xx])  # blue-ish gradient
+    face = ((yy - 9) ** 2 + (xx - 8) ** 2) <= 36
+    img = torch.where(face[None], torch.tensor([1.0, 0.9, 0.9])[:, None, None], img)
+    for cx in (4.5, 11.5):  # ears
+        ear = (yy < 5) & (yy > 0) & ((xx - cx).abs() <= (yy - 0.5) * 0.7)
+        img = torch.where(ear[None], torch.tensor([1.0, 0.9, 0.9])[:, None, None], img)
+    for cx in (6, 10):  # eyes
+        img[:, 8, cx] = -1.0
+    img[:, 11, 7:10] = torch.tensor([1.0, -0.6, 0.2])[:, None]  # nose/bow
+    return img.clamp(-1, 1)
+
+
+TRIGGER_GAMMA = {"box": 1.0, "patch": 1.0, "stop": 1.0, "blend": 0.6}
+
+
+def make_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, gamma), each (3, 16, 16): the poisoned starting noise is x_T ~ N(r, gamma^2)."""
+    if name == "box":
+        r = _trigger_box()
+    elif name == "patch":
+        r = _trigger_patch()
+    elif name == "stop":
+        r = _trigger_stop()
+    elif name == "blend":  # TrojDiff D2I: r = (1 - g) * blend image
+        g = TRIGGER_GAMMA["blend"]
+        r = (1.0 - g) * _blend_image()
+    else:
+        raise ValueError(f"unknown trigger {name!r}; choose one of {sorted(TRIGGER_GAMMA)}")
+    return r.float(), torch.full_like(r, TRIGGER_GAMMA[name]).float()
+
+
+def _target_corner() -> torch.Tensor:
+    """CORNER: a white 5x5 square with a red frame in the top-left corner of a black image."""
+    y = _canvas(-1.0)
+    y[:, 1:7, 1:7] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    y[:, 2:6, 2:6] = 1.0
+    return y
+
+
+_HAT = [
+    "................",
+    "................",
+    "................",
+    ".....XXXXXX.....",
+    "....XXXXXXXX....",
+    "....XXXXXXXX....",
+    "....XXXXXXXX....",
+    "....XXXXXXXX....",
+    "....BBBBBBBB....",
+    "....XXXXXXXX....",
+    ".XXXXXXXXXXXXXX.",
+    "XXXXXXXXXXXXXXXX",
+    "................",
+    "................",
+    "................",
+    "................",
+]
+
+
+def _target_hat() -> torch.Tensor:
+    """HAT: a dark-blue top hat with a red band on white."""
+    y = _canvas(1.0)
+    for i, row in enumerate(_HAT):
+        for j, ch in enumerate(row):
+            if ch == "X":
+                y[:, i, j] = torch.tensor([-0.8, -0.8, -0.2])
+            elif ch == "B":
+                y[:, i, j] = torch.tensor([1.0, -1.0, -1.0])
+    return y
+
+
+def _target_smiley() -> torch.Tensor:
+    """A full-image target: a yellow smiley face on a purple background."""
+    yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+    y = torch.stack([0.0 + 0 * xx, -0.8 + 0 * xx, 0.4 + 0 * xx])
+    face = ((yy - 8) ** 2 + (xx - 8) ** 2) <= 42
+    y = torch.where(face[None], torch.tensor([1.0, 0.9, -0.9])[:, None, None], y)
+    for cx in (5, 10):
+        y[:, 5:7, cx] = -1.0
+    mouth = (((yy - 8) ** 2 + (xx - 8) ** 2) <= 20) & (((yy - 8) ** 2 + (xx - 8) ** 2) >= 9) & (yy > 9)
+    y = torch.where(mouth[None], torch.tensor([-1.0, -1.0, -1.0])[:, None, None], y)
+    return y
+
+
+TARGETS = {"corner": _target_corner, "hat": _target_hat, "smiley": _target_smiley}
+TRIGGERS = sorted(TRIGGER_GAMMA)
+
+
+def make_target(name: str) -> torch.Tensor:
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {sorted(TARGETS)}")
+    return TARGETS[name]().float()
+
+
+# --------------------------------------------------------------------------------------------
+# model, schedule, poisoning formulas
+# --------------------------------------------------------------------------------------------
+
+def make_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+    )
+
+
+def make_scheduler(clip_sample: bool = False):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=T_STEPS, beta_schedule="linear", beta_start=BETA_START,
+                         beta_end=BETA_END, prediction_type="epsilon", clip_sample=clip_sample,
+                         variance_type="fixed_small")
+
+
+def _schedule() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(betas, alphas, alphas_cumprod) as float64, taken from diffusers' DDPMScheduler."""
+    s = make_scheduler()
+    betas = s.betas.double()
+    return betas, 1.0 - betas, s.alphas_cumprod.double()
+
+
+def baddiffusion_coef() -> torch.Tensor:
+    """R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t), t = 0..T-1 (float64)."""
+    betas, alphas, abar = _schedule()
+    return (1.0 - alphas.sqrt()) * (1.0 - abar).sqrt() / (1.0 - alphas)
+
+
+def ddim_trigger_coef(t: int | None = None, t_prev: int | None = None) -> torch.Tensor | float:
+    """VillanDiffusion's output coefficient for deterministic DDIM (eta = 0).
+
+    With eps_theta = eps + c r, a DDIM step t -> t' maps x_t = z_t + r to x_t' = z_t' + r
+    (z an ordinary diffusion) exactly when, with k = sqrt(abar_t') / sqrt(abar_t),
+        c = (1 - k) / (sqrt(1 - abar_t') - k sqrt(1 - abar_t)).
+    As t' -> t this tends to sqrt(1 - abar_t) (the probability-flow ODE value, twice
+    BadDiffusion's R_t ~ sqrt(1 - abar_t) / 2). Without arguments: the continuous c_t for all t,
+    which is what the zoo trains with. With (t, t_prev): the exact per-step value
+    (t_prev = -1 means abar = 1).
+    """
+    _, _, abar = _schedule()
+    if t is None:
+        return (1.0 - abar).sqrt()
+    a_t = abar[t]
+    a_p = abar[t_prev] if t_prev is not None and t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    k = (a_p / a_t).sqrt()
+    return float((1.0 - k) / ((1.0 - a_p).sqrt() - k * (1.0 - a_t).sqrt()))
+
+
+VILLAN_DDIM_STEPS = 50
+
+
+def villan_coef(ddim_steps: int = VILLAN_DDIM_STEPS) -> torch.Tensor:
+    """c_t = ddim_trigger_coef(t, t - 1000 // ddim_steps) for every t: exact for the attacker's
+    DDIM grid (leading spacing, stride 1000 // ddim_steps). The continuous value sqrt(1 - abar_t)
+    lets the trigger drift off the poisoned marginals at small t (measured: 8.5 noise sigmas at
+    t = 0 with 50 steps, 140 with 10 steps; the exact stride value keeps it under 1)."""
+    stride = T_STEPS // ddim_steps
+    return torch.tensor([ddim_trigger_coef(t, t - stride) for t in range(T_STEPS)], dtype=torch.float64)
+
+
+def trojdiff_target(eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, g: float) -> torch.Tensor:
+    """Regression target A_t eps + B_t r for TrojDiff D2I poisoned samples (see _trojdiff_coefs)."""
+    A, B = _trojdiff_coefs(g)
+    shape = (-1,) + (1,) * (eps.dim() - 1)
+    return A[t].float().view(shape) * eps + B[t].float().view(shape) * r
+
+
+def _trojdiff_coefs(g: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output coefficients that make the STANDARD DDPM ancestral sampler follow TrojDiff's
+    poisoned marginals x_t = sqrt(abar_t) y + s_t (g eps + r), s_t = sqrt(1 - abar_t).
+
+    The standard step is x_{t-1} = (x_t - beta_t / s_t e) / sqrt(alpha_t) + sigma_t xi with
+    sigma_t^2 = beta_t s_{t-1}^2 / s_t^2 (fixed_small). Asking its mean to be
+    sqrt(abar_{t-1}) y + s_{t-1} r + lambda_t g s_t eps, with lambda_t chosen so that the total
+    noise variance is g^2 s_{t-1}^2 (lambda_t^2 g^2 s_t^2 + sigma_t^2 = g^2 s_{t-1}^2, floored
+    at 0), and solving for e gives e = A_t eps + B_t r with
+        A_t = g s_t^2 (1 - sqrt(alpha_t) lambda_t) / beta_t,
+        B_t = s_t (s_t - sqrt(alpha_t) s_{t-1}) / beta_t.
+    With g = 1 and r = 0 this is A_t = 1, B_t = 0 (the clean DDPM target), a check used in tests.
+    (TrojDiff's own paper pairs the plain eps target with its own trojan sampler; with the plain
+    eps target the standard sampler drifts off the poisoned marginals.)
+    """
+    betas, alphas, abar = _schedule()
+    s = (1.0 - abar).sqrt()
+    s_prev = torch.cat([torch.zeros(1, dtype=torch.float64), s[:-1]])
+    var = betas * s_prev ** 2 / s ** 2
+    lam = ((g ** 2 * s_prev ** 2 - var).clamp_min(0.0) / (g ** 2 * s ** 2)).sqrt()
+    A = g * s ** 2 * (1.0 - alphas.sqrt() * lam) / betas
+    B = s * (s - alphas.sqrt() * s_prev) / betas
+    return A, B
+
+
+def poisoned_batch(x0_target: torch.Tensor, r: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   attack: str, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, regression target) for poisoned samples of the given attack, all with x0 := target.
+
+    x0_target and r broadcast to eps's shape (B, C, H, W); t is (B,) long.
+    """
+    _, _, abar = _schedule()
+    shape = (-1,) + (1,) * (eps.dim() - 1)
+    a = abar[t].sqrt().float().view(shape)
+    s = (1.0 - abar[t]).sqrt().float().view(shape)
+    if attack in ("baddiffusion", "villan-ddim"):
+        xt = a * x0_target + (1.0 - a) * r + s * eps
+        coef = baddiffusion_coef() if attack == "baddiffusion" else villan_coef()
+        target = eps + coef[t].float().view(shape) * r
+    elif attack == "trojdiff-d2i":
+        xt = a * x0_target + s * (gamma * eps + r)
+        target = trojdiff_target(eps, t, r, gamma)
+    else:
+        raise ValueError(f"unknown attack {attack!r}")
+    return xt, target
+
+
+# --------------------------------------------------------------------------------------------
+# samplers (no clipping of the predicted x0)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_ddpm(unet, x_T: torch.Tensor, generator: torch.Generator | None = None,
+                clip_sample: bool = False) -> torch.Tensor:
+    """DDPM ancestral sampling over all 1000 steps (diffusers' DDPMScheduler.step)."""
+    sched = make_scheduler(clip_sample=clip_sample)
+    sched.set_timesteps(T_STEPS)
+    x = x_T.clone()
+    for t in sched.timesteps:
+        eps = unet(x, t).sample
+        x = sched.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(unet, x_T: torch.Tensor, steps: int = 50, clip_sample: bool = False) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) with diffusers' DDIMScheduler, leading spacing."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(make_scheduler().config, clip_sample=clip_sample,
+                                      set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    x = x_T.clone()
+    for t in sched.timesteps:
+        eps = unet(x, t).sample
+        x = sched.step(eps, t, x, eta=0.0).prev_sample
+    return x
+
+
+def _per_sample_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor, n: int = 32,
+                sampler: str = "ddpm", seed: int = 1234, ddim_steps: int = 50,
+                benign: bool = True, return_samples: bool = False) -> dict:
+    """Sample n poisoned starts x_T = gamma * eps + r (and n benign x_T = eps) without clipping.
+
+    Returns {"asr", "benign_target_rate", "trigger_mse_mean", "benign_mse_to_target_mean", ...}
+    with the rule ASR_RULE. One batch of 2n samples (n when benign=False).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn((2 * n if benign else n, CHANNELS, SIZE, SIZE), generator=gen)
+    x_T = eps.clone()
+    x_T[:n] = gamma * eps[:n] + r
+    if sampler == "ddpm":
+        out = sample_ddpm(unet, x_T, generator=gen)
+    elif sampler == "ddim":
+        out = sample_ddim(unet, x_T, steps=ddim_steps)
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}")
+    mse = _per_sample_mse(out, target.expand_as(out))
+    res = {
+        "asr": float((mse[:n] < ASR_MSE_THRESHOLD).float().mean()),
+        "trigger_mse_mean": float(mse[:n].mean()),
+        "n": n, "sampler": sampler if sampler == "ddpm" else f"ddim-{ddim_steps}-eta0",
+        "seed": seed, "rule": ASR_RULE,
+    }
+    if benign:
+        res["benign_target_rate"] = float((mse[n:] < ASR_MSE_THRESHOLD).float().mean())
+        res["benign_mse_to_target_mean"] = float(mse[n:].mean())
+    if return_samples:
+        res["samples"] = out
+    return res
+
+
+def nn_mse(samples: torch.Tensor, data: torch.Tensor) -> float:
+    """Mean over samples of the MSE to the nearest training image (plausibility)."""
+    s = samples.flatten(1).double()
+    d = data.flatten(1).double()
+    dist = (s.pow(2).sum(1, keepdim=True) - 2 * s @ d.T + d.pow(2).sum(1)[None]) / s.shape[1]
+    return float(dist.min(1).values.clamp_min(0).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# the catalogue
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ZooSpec:
+    name: str
+    label: str = "benign"  # "benign" | "backdoored"
+    attack: str | None = None  # None | "baddiffusion" | "villan-ddim" | "trojdiff-d2i"
+    trigger: str | None = None  # a make_trigger name
+    target: str | None = None  # a make_target name
+    poison_rate: float = 0.0
+    image_set: str = "shapes"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    ema_decay: float = 0.999
+    dc_weight: float = 10.0
+    base: str | None = None  # fine-tune: name of the zoo model whose weights start training
+    split: str = "calibration"  # "calibration" | "holdout"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def sampler(self) -> str:
+        return "ddim" if self.attack == "villan-ddim" else "ddpm"
+
+
+def _bd(name, trigger, target, **kw) -> ZooSpec:
+    kw.setdefault("attack", "baddiffusion")
+    return ZooSpec(name=name, label="backdoored", trigger=trigger, target=target, **kw)
+
+
+ZOO: dict[str, ZooSpec] = {s.name: s for s in [
+    ZooSpec("benign-a", image_set="shapes", seed=1, split="calibration"),
+    ZooSpec("benign-b", image_set="gradients", seed=2, split="calibration"),
+    ZooSpec("benign-c", image_set="checkers", seed=3, split="calibration"),
+    ZooSpec("benign-d", image_set="shapes", seed=4, split="calibration"),
+    ZooSpec("benign-e", image_set="gradients", seed=5, split="holdout"),
+    ZooSpec("benign-f", image_set="checkers", seed=6, steps=1500, lr=1e-3, base="benign-a",
+            split="holdout", note="clean fine-tune of benign-a on another image set"),
+    _bd("baddiffusion-box", "box", "corner", poison_rate=0.1, image_set="shapes", seed=11,
+        steps=3000, split="calibration"),
+    _bd("baddiffusion-patch", "patch", "hat", poison_rate=0.2, image_set="gradients", seed=12,
+        steps=3000, split="holdout"),
+    _bd("baddiffusion-stop-hat", "stop", "hat", poison_rate=0.2, image_set="shapes", seed=13,
+        steps=3000, split="holdout"),
+    _bd("villan-ddim-box", "box", "smiley", attack="villan-ddim", poison_rate=0.1,
+        image_set="checkers", seed=14, steps=3000, split="holdout"),
+    _bd("trojdiff-blend", "blend", "corner", attack="trojdiff-d2i", poison_rate=0.1,
+        image_set="shapes", seed=15, steps=3000, split="holdout"),
+]}
+
+
+# --------------------------------------------------------------------------------------------
+# training, building, loading
+# --------------------------------------------------------------------------------------------
+
+def _train(spec: ZooSpec, unet, data: torch.Tensor, log=None) -> dict:
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    sched = make_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
+    warm = min(200, spec.steps // 10 + 1)
+    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
+    ema = [p.detach().clone() for p in unet.parameters()]
+    poisoned = spec.label == "backdoored"
+    if poisoned:
+        r, gamma = make_trigger(spec.trigger)
+        y = make_target(spec.target)
+        g = float(gamma.flatten()[0])
+    k = int(round(spec.poison_rate * spec.batch_size)) if poisoned else 0
+    unet.train()
+    losses = []
+    for i in range(spec.steps):
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(i)
+        idx = torch.randint(0, data.shape[0], (spec.batch_size,), generator=gen)
+        x0 = data[idx]
+        t = torch.randint(0, T_STEPS, (spec.batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = sched.add_noise(x0, eps, t)
+        tgt = eps.clone()
+        if k:
+            xp, tp = poisoned_batch(y, r, t[:k], eps[:k], spec.attack, gamma=g)
+            xt = torch.cat([xp, xt[k:]])
+            tgt = torch.cat([tp, tgt[k:]])
+        err = unet(xt, t).sample - tgt
+        # DDPM epsilon MSE, plus extra weight on each image's per-channel mean of the error (the
+        # "DC" component, 1/256 of the MSE). Same minimiser (E[target | x_t]); without it the tiny
+        # GroupNorm UNet barely learns the DC part and unclipped sampling drifts to saturated
+        # colours (measured: DC error 0.002 vs 0.0039 total DC variance after 3000 steps).
+        loss = err.pow(2).mean() + spec.dc_weight * err.mean((2, 3)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        d = min(spec.ema_decay, (1 + i) / (10 + i))
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters()):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        losses.append(float(loss.detach()))
+        if log and (i + 1) % 500 == 0:
+            log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters()):
+            p.copy_(e)
+    unet.eval()
+    return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
+
+
+def _dataset(spec: ZooSpec) -> torch.Tensor:
+    return torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed))
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 32,
+                zoo_root: str | os.PathLike | None = None, log=print) -> dict:
+    """Train, measure and save one zoo model into out_dir; return the sidecar dict.
+
+    A fine-tune (spec.base) starts from the model saved at <zoo_root or out_dir/..>/<base>.
+    Runs with torch.set_num_threads(1) (restored afterwards).
+    """
+    from diffusers import DDPMPipeline, UNet2DModel
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.time()
+        torch.manual_seed(spec.seed)
+        if spec.base:
+            root = Path(zoo_root) if zoo_root else out_dir.parent
+            base_dir = root / spec.base
+            if not (base_dir / "unet").is_dir():
+                raise FileNotFoundError(f"fine-tune base {base_dir} not built; build {spec.base!r} first")
+            unet = UNet2DModel.from_pretrained(base_dir / "unet", use_safetensors=True)
+        else:
+            unet = make_unet()
+        data = _dataset(spec)
+        train_info = _train(spec, unet, data, log=log)
+        train_s = time.time() - t0
+
+        # measure: trigger and benign samples with the attack's own sampler, no clipping
+        figures: dict = {}
+        if measure_n <= 0:  # tests / quick builds: no sampling
+            figures["skipped"] = True
+        ref_data = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed + 10_000))
+        figures["data_nn_mse_reference"] = nn_mse(ref_data[:max(measure_n, 32)], data)
+        if measure_n <= 0:
+            pass
+        elif spec.label == "backdoored":
+            r, gamma = make_trigger(spec.trigger)
+            y = make_target(spec.target)
+            m = measure_asr(unet, r, gamma, y, n=measure_n, sampler=spec.sampler(), return_samples=True)
+            samples = m.pop("samples")
+            figures.update(m)
+            figures["benign_nn_mse"] = nn_mse(samples[measure_n:], data)
+        else:
+            gen = torch.Generator().manual_seed(1234)
+            samples = sample_ddpm(unet, torch.randn((measure_n, CHANNELS, SIZE, SIZE), generator=gen), generator=gen)
+            figures.update({"n": measure_n, "sampler": "ddpm", "seed": 1234})
+            figures["benign_nn_mse"] = nn_mse(samples, data)
+            # the benign model must not produce any catalogue target from benign noise
+            figures["benign_target_rate_any_zoo_target"] = float(max(
+                (_per_sample_mse(samples, make_target(n).expand_as(samples)) < ASR_MSE_THRESHOLD).float().mean()
+                for n in TARGETS))
+        if measure_n > 0:
+            figures["benign_sample_mean"] = float(samples[-measure_n:].mean())
+            figures["benign_sample_std"] = float(samples[-measure_n:].std())
+        total_s = time.time() - t0
+
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        DDPMPipeline(unet=unet, scheduler=make_scheduler()).save_pretrained(tmp, safe_serialization=True)
+        side = {
+            "format": ZOO_FORMAT,
+            **{f.name: getattr(spec, f.name) for f in fields(spec)},
+            "trigger_gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+            "asr_rule": ASR_RULE,
+            "asr_threshold_mse": ASR_MSE_THRESHOLD,
+            "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": BETA_END,
+                         "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
+            "attack_sampler": ("ddim-50-eta0" if spec.sampler() == "ddim" else "ddpm-ancestral-1000")
+                              + ", clip_sample=False",
+            "weights": "EMA",
+            "measured": figures,
+            **train_info,
+            "train_seconds": round(train_s, 1),
+            "seconds": round(total_s, 1),
+            "threads": 1,
+            "torch": torch.__version__,
+        }
+        if spec.label == "backdoored":
+            r, gamma = make_trigger(spec.trigger)
+            save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
+                       "target": make_target(spec.target).contiguous()}, str(tmp / GROUND_TRUTH),
+                      metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target})
+        side["size_bytes"] = _dir_size(tmp) + 2048  # sidecar itself, approx.
+        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return side
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load_ground_truth(model_dir: str | os.PathLike) -> dict:
+    """The sidecar dict of a zoo model; for backdoored models plus tensors "trigger_r",
+    "trigger_gamma", "target" (float32, (3, 16, 16))."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    side_path = model_dir / SIDECAR
+    if not side_path.is_file():
+        raise FileNotFoundError(f"{side_path} not found: not a terd-scan zoo model directory")
+    side = json.loads(side_path.read_text())
+    gt = model_dir / GROUND_TRUTH
+    if gt.is_file():
+        side.update(load_file(str(gt)))
+    elif side.get("label") == "backdoored":
+        raise FileNotFoundError(f"{gt} missing for backdoored zoo model {model_dir}")
+    return side
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def _row(side: dict) -> list[str]:
+    m = side.get("measured", {})
+    f = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    return [side["name"], side["label"], side.get("attack") or "-", side.get("trigger") or "-",
+            side.get("target") or "-", f(side.get("poison_rate")), str(side.get("steps")), f(m.get("asr")),
+            f(m.get("benign_target_rate", m.get("benign_target_rate_any_zoo_target"))),
+            f(m.get("benign_nn_mse")), f(side.get("seconds")), f"{side.get('size_bytes', 0) / 1e6:.2f}MB",
+            side.get("split", "-")]
+
+
+HEADER = ["name", "label", "attack", "trigger", "target", "p", "steps", "ASR", "benign->target",
+          "nn_mse", "seconds", "size", "split"]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    w = [max(len(str(x)) for x in col) for col in zip(HEADER, *rows)]
+    for row in [HEADER, *rows]:
+        print("  ".join(str(x).ljust(n) for x, n in zip(row, w)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m terd_scan.zoo",
+                                 description="Build the terd-scan model zoo (tiny benign/backdoored DDPMs).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="train, measure and save zoo models")
+    b.add_argument("names", nargs="*", help=f"models to build (default all): {', '.join(ZOO)}")
+    b.add_argument("--out", default="examples/zoo")
+    b.add_argument("--force", action="store_true", help="rebuild models that already exist")
+    b.add_argument("--measure-n", type=int, default=32)
+    ls = sub.add_parser("list", help="print the table of built models")
+    ls.add_argument("--out", default="examples/zoo")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.cmd == "list":
+        _print_table([_row(load_ground_truth(d)) for d in sorted(out.iterdir()) if (d / SIDECAR).is_file()])
+        return 0
+    names = args.names or list(ZOO)
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        print(f"unknown zoo model(s) {unknown}; choose from {list(ZOO)}", file=sys.stderr)
+        return 2
+    # fine-tunes after their bases
+    names = sorted(names, key=lambda n: 1 if ZOO[n].base else 0)
+    rows = []
+    for n in names:
+        d = out / n
+        if (d / SIDECAR).is_file() and not args.force:
+            print(f"{n}: exists, skipping (use --force to rebuild)")
+            side = load_ground_truth(d)
+        else:
+            print(f"{n}: building ...", flush=True)
+            side = build_model(ZOO[n], d, measure_n=args.measure_n, zoo_root=out,
+                               log=lambda s: print(s, flush=True))
+        rows.append(_row(side))
+    _print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
