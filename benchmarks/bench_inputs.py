@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="n=1000, short timings (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1, like 'terd-scan inputs'; 0 = torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
