@@ -78,7 +78,7 @@ def inputs_command(
              "or a single noise file. Each tensor is one noise (C,H,W) or a batch (N,C,H,W).")],
     trigger: Annotated[Optional[Path], typer.Option(
         "--trigger", "-t", metavar="PATH", show_default=False,
-        help="trigger.safetensors written by 'terd-scan model'.")] = None,
+        help="trigger.safetensors written by 'terd-scan model' (or the --out folder holding it).")] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", metavar="SOURCE", show_default=False,
         help="Reverse this model first (as 'terd-scan model') and use its trigger. Not available yet.")] = None,
@@ -148,6 +148,8 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
     if not noise_path.exists():
         raise ScanError(f"noise path not found: {noise_path} (pass a directory of noise files or a noise file)")
     if trigger_path is not None:
+        if trigger_path.is_dir() and (trigger_path / "trigger.safetensors").is_file():
+            trigger_path = trigger_path / "trigger.safetensors"  # the --out folder of 'terd-scan model'
         trig = Trigger.load(trigger_path)
     else:
         trig, trigger_path = trigger_from_model(model)

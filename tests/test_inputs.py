@@ -354,6 +354,8 @@ def test_cli_recursive_and_single_file(app, setup):
     assert {x["file"] for x in json.loads(r.stdout)["records"]} >= {"deeper/p.npy"}
     assert run(app, sub / "p.npy", "-t", tpath).exit_code == 1
     assert run(app, ben / "a.safetensors", "-t", tpath).exit_code == 0
+    r = run(app, sub / "p.npy", "-t", tpath.parent, "-f", "json")  # the folder holding trigger.safetensors
+    assert r.exit_code == 1 and json.loads(r.stdout)["trigger"]["path"] == str(tpath)
 
 
 def test_cli_threshold(app, setup):
