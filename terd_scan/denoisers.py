@@ -2,12 +2,14 @@
 epsilon prediction, and the samplers the reversion and the report need.
 
 Only what TERD needs is exposed, so reversion, detection and reporting stay one code path
-whatever the family. The DDPM/DDIM family (UNet2DModel + a beta-schedule scheduler) is here;
-other families raise UnsupportedModelError rather than being scanned wrongly.
+whatever the family. The DDPM/DDIM family (UNet2DModel + a beta-schedule scheduler) and score-SDE VE
+models (NCSN++-style, seen through their variance-preserving view) are here; other families raise
+UnsupportedModelError rather than being scanned wrongly.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,8 @@ BETA_SCHEDULERS = {
     "DPMSolverSDEScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
 }
+VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
 NOT_YET = {
-    "ScoreSdeVeScheduler": "score-SDE VE models (sigma schedule, no betas)",
     "KarrasVeScheduler": "Karras VE models",
     "CMStochasticIterativeScheduler": "consistency models",
     "EDMEulerScheduler": "EDM models",
@@ -60,6 +62,8 @@ class DDPMDenoiser:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         cls = scheduler_config.get("_class_name", "DDPMScheduler")
+        if cls in VE_SCHEDULERS:
+            raise UnsupportedModelError(f"{cls} is a score-SDE VE schedule: use VEDenoiser (make_denoiser picks it)")
         if cls in NOT_YET:
             raise UnsupportedModelError(f"not supported yet: {NOT_YET[cls]} ({cls}); terd-scan scans DDPM/DDIM-family "
                                         "models with a beta schedule")
@@ -97,6 +101,10 @@ class DDPMDenoiser:
                          prediction_type=self.prediction_type, prior="N(0, I)",
                          sampler="DDIM (eta=0, no x0 clipping) for refinement; DDPM ancestral for previews",
                          parameters=sum(p.numel() for p in self.unet.parameters()))
+
+    def normalise_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Starting noise in the units triggers are reported in (the identity for DDPM models)."""
+        return x
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Epsilon prediction, converted from v or x0 prediction where the model predicts those."""
@@ -143,6 +151,121 @@ class DDPMDenoiser:
         return x
 
 
-def make_denoiser(loaded, device: torch.device | str = "cpu") -> DDPMDenoiser:
-    """Pick the adapter for a loaded model (see loading.LoadedModel)."""
+def _ve_grid(scheduler_config: dict) -> tuple[float, float, int]:
+    cfg = scheduler_config
+    smin, smax = float(cfg.get("sigma_min", 0.01)), float(cfg.get("sigma_max", 1348.0))
+    n = int(cfg.get("num_train_timesteps", 2000))
+    if not (0.0 < smin < smax and smax < 1e8 and n >= 2):
+        raise UnsupportedModelError(f"not supported: ScoreSdeVeScheduler config with sigma_min={smin}, sigma_max={smax}, "
+                                    f"num_train_timesteps={n} (need 0 < sigma_min < sigma_max, at least 2 steps)")
+    return smin, smax, n
+
+
+class VEDenoiser:
+    """A score-SDE VE model (NCSN++-style UNet2DModel with a Fourier time embedding, called with sigma,
+    returning the score) seen as a variance-preserving epsilon predictor, so that reversion, the KL
+    features and input detection are the same code as for DDPM models.
+
+    VE: x_ve = x0 + sigma eps, sigma on the geometric grid sigma_min .. sigma_max of
+    num_train_timesteps points (index 0 = sigma_min, as ScoreSdeVeScheduler.discrete_sigmas).
+    VP view: x_vp = x_ve / sqrt(1 + sigma^2), abar = 1 / (1 + sigma^2), so
+    x_vp = sqrt(abar) x0 + sqrt(1 - abar) eps, and
+    eps_vp(x_vp, t) = -sigma_t * score(x_vp * sqrt(1 + sigma_t^2), sigma_t).
+    The VE prior N(0, sigma_max^2 I) is N(0, I) in these normalised units (up to sigma_max^2 / (1 + sigma_max^2)),
+    so a trigger (r, gamma) is reported in normalised units: a VE starting noise x_ve corresponds to
+    x_ve / sqrt(1 + sigma_max^2) (see normalise_noise).
+    """
+
+    def __init__(self, unet, scheduler_config: dict, device: torch.device | str = "cpu"):
+        c = unet.config
+        if getattr(c, "time_embedding_type", "positional") != "fourier":
+            raise UnsupportedModelError("not supported: ScoreSdeVeScheduler with a UNet without a Fourier time embedding "
+                                        "(NCSN++ models are called with sigma); terd-scan cannot tell what its "
+                                        "timestep input means")
+        if c.in_channels != c.out_channels:
+            raise UnsupportedModelError(f"not supported: UNet with in_channels={c.in_channels} != out_channels="
+                                        f"{c.out_channels}")
+        self.sigma_min, self.sigma_max, n = _ve_grid(scheduler_config)
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        sig = torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), n, dtype=torch.float64))
+        self.sigmas = sig.to(self.device, torch.float32)
+        self.scales = (1 + sig ** 2).sqrt().to(self.device, torch.float32)  # sqrt(1 + sigma^2) = 1 / sqrt(abar)
+        self.alphas_cumprod = (1 / (1 + sig ** 2)).to(self.device, torch.float32)
+        self.num_train_timesteps = n
+        self.prediction_type = "score"
+        size = c.sample_size if isinstance(c.sample_size, int) else tuple(c.sample_size)
+        h, w = (size, size) if isinstance(size, int) else size
+        self.input_shape = (int(c.in_channels), int(h), int(w))
+        self.evaluations = 0
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(kind="score-sde-ve", input_shape=self.input_shape, num_train_timesteps=self.num_train_timesteps,
+                         prediction_type="score (eps = -sigma * score)",
+                         prior="N(0, sigma_max^2 I) (normalised to N(0, I))",
+                         sampler=(f"DDIM (eta=0) on the VP view (Euler steps of the probability-flow ODE in sigma) for "
+                                  f"refinement; VE reverse-diffusion predictor (no corrector, no clamp) for previews; "
+                                  f"sigma {self.sigma_min:g}..{self.sigma_max:g}"),
+                         parameters=sum(p.numel() for p in self.unet.parameters()))
+
+    def normalise_noise(self, x_ve: torch.Tensor) -> torch.Tensor:
+        """A VE starting noise (std sigma_max) in the normalised units triggers are reported in."""
+        return x_ve / self.scales[-1]
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """VP-view epsilon at grid indices t (x in normalised units)."""
+        sigma = self.sigmas[t]
+        score = self.unet(x * self.scales[t].view(-1, 1, 1, 1), sigma).sample
+        self.evaluations += x.shape[0]
+        return -sigma.view(-1, 1, 1, 1) * score
+
+    def last_timesteps(self, n: int = 10) -> tuple[int, int]:
+        return self.num_train_timesteps - n, self.num_train_timesteps - 1
+
+    def _grid(self, steps: int) -> list[int]:
+        steps = max(1, min(int(steps), self.num_train_timesteps))
+        return [int(i) for i in torch.linspace(self.num_train_timesteps - 1, 0, steps).round().long()]
+
+    def ddim_sample(self, x_t: torch.Tensor, steps: int, checkpoint: bool = False) -> torch.Tensor:
+        """Deterministic DDIM (eta=0) on the VP view, from the top of the grid to sigma = 0 (data units).
+        Differentiable; `checkpoint` recomputes each network call in the backward pass."""
+        grid = self._grid(steps)
+        x = x_t
+        for i, t in enumerate(grid):
+            tt = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
+            if checkpoint and torch.is_grad_enabled():
+                e = torch.utils.checkpoint.checkpoint(self.eps, x, tt, use_reentrant=False)
+            else:
+                e = self.eps(x, tt)
+            a_t = self.alphas_cumprod[t]
+            a_p = self.alphas_cumprod[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=self.device)
+            x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+            x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * e
+        return x
+
+    @torch.no_grad()
+    def ancestral_sample(self, x_t: torch.Tensor, steps: int | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """The VE reverse-diffusion predictor (ScoreSdeVeScheduler.step_pred, no corrector, no clamp) on
+        `steps` sigmas of the grid; x_t in normalised units, the result in data units."""
+        grid = self._grid(steps or self.num_train_timesteps)
+        x = x_t * self.scales[grid[0]]
+        for i, t in enumerate(grid):
+            sigma = self.sigmas[t]
+            prev = self.sigmas[grid[i + 1]] if i + 1 < len(grid) else torch.zeros((), device=self.device)
+            score = self.unet(x, sigma.expand(x.shape[0])).sample
+            self.evaluations += x.shape[0]
+            d = sigma ** 2 - prev ** 2
+            x = x + d * score
+            if i + 1 < len(grid):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + d.sqrt() * z
+        return x
+
+
+def make_denoiser(loaded, device: torch.device | str = "cpu"):
+    """Pick the adapter for a loaded model (see loading.LoadedModel): VEDenoiser for ScoreSdeVeScheduler,
+    DDPMDenoiser for beta schedules."""
+    if loaded.scheduler_config.get("_class_name") in VE_SCHEDULERS:
+        return VEDenoiser(loaded.unet, loaded.scheduler_config, device)
     return DDPMDenoiser(loaded.unet, loaded.scheduler_config, device)

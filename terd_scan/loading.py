@@ -12,6 +12,9 @@ Layouts:
                     (google/ddpm-cifar10-32)
   bare UNet         config.json + weights [+ scheduler_config.json]  (else default DDPM schedule)
   single file       x.safetensors with config= or a config.json beside it
+  DDIM repo         ckpt.pth of ermongroup/ddim / TrojDiff (a pickled list; --allow-pickle), the file or
+                    its folder; architecture from --config or inferred from the weights (ddim_repo.py)
+  score-SDE VE      any of the above with a ScoreSdeVeScheduler config and a Fourier-embedding UNet
 """
 
 from __future__ import annotations
@@ -229,6 +232,15 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
     notes = list(src.notes)
     reader = _Reader(src)
 
+    if src.weights_file is None and src.kind == "local":
+        ckpt = _ddim_repo_file_in_folder(src.root)
+        if ckpt is not None:  # a DDIM-repo / TrojDiff log folder: ckpt.pth and no diffusers files
+            src.weights_file = ckpt
+            notes.append(f"no diffusers model files in the folder: scanned {reader.rel(ckpt)}")
+    if src.weights_file is not None:
+        ddim = _load_ddim_repo(source, src, reader, allow_pickle=allow_pickle, config=config, notes=notes)
+        if ddim is not None:
+            return ddim
     if src.weights_file is not None:  # a single weights file
         pipeline_class = None
         cfg_path = os.path.abspath(config) if config else os.path.join(src.root, "config.json")
@@ -247,23 +259,8 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
     unet_cfg = reader.json(cfg_path, "config", "UNet config")
     safety.check_unet_config(unet_cfg, reader.rel(cfg_path) if not config else config)
 
-    # scheduler config
-    if sched is not None:
-        sched_cfg = reader.json(sched, "scheduler", "scheduler config")
-        safety.check_scheduler_config(sched_cfg, reader.rel(sched))
-        sched_cfg = dict(sched_cfg)
-        sched_cfg.setdefault("_class_name", "DDPMScheduler")
-        schedule_origin = f"{reader.rel(sched)} ({sched_cfg['_class_name']})"
-        if "prediction_type" not in sched_cfg:
-            notes.append("scheduler config has no prediction_type: diffusers' default 'epsilon' applies")
-    else:
-        if unet_cfg.get("time_embedding_type") == "fourier":
-            raise UnsupportedModelError(f"not supported yet: {reader.rel(cfg_path)} is a score-SDE (NCSN++-style, "
-                                        "Fourier time embedding) UNet and no scheduler config says otherwise; "
-                                        "terd-scan scans DDPM/DDIM-family models")
-        sched_cfg = dict(DEFAULT_SCHEDULER_CONFIG)
-        schedule_origin = DEFAULT_SCHEDULE_ORIGIN
-        notes.append(DEFAULT_SCHEDULE_NOTE)
+    sched_cfg, schedule_origin = _scheduler_config(reader, sched, unet_cfg, reader.rel(cfg_path), notes)
+    _check_family(pipeline_class, sched_cfg, unet_cfg, reader.rel(cfg_path))
 
     # build on the meta device: exact parameter count and expected shapes, nothing allocated
     meta_unet = _build_unet(unet_cfg, meta=True, where=reader.rel(cfg_path))
@@ -312,6 +309,125 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
                    if k != "_use_default_values"}
     return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
                        schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov)
+
+
+def _scheduler_config(reader: _Reader, sched: str | None, unet_cfg: dict, cfg_where: str, notes: list[str],
+                      default_note: str = DEFAULT_SCHEDULE_NOTE) -> tuple[dict, str]:
+    """The scheduler config (checked) and where it came from; the DDPM default when there is none."""
+    if sched is not None:
+        sched_cfg = reader.json(sched, "scheduler", "scheduler config")
+        safety.check_scheduler_config(sched_cfg, reader.rel(sched))
+        sched_cfg = dict(sched_cfg)
+        sched_cfg.setdefault("_class_name", "DDPMScheduler")
+        schedule_origin = f"{reader.rel(sched)} ({sched_cfg['_class_name']})"
+        if "prediction_type" not in sched_cfg and sched_cfg["_class_name"] not in safety.VE_SCHEDULERS:
+            notes.append("scheduler config has no prediction_type: diffusers' default 'epsilon' applies")
+        return sched_cfg, schedule_origin
+    if unet_cfg.get("time_embedding_type") == "fourier":
+        raise UnsupportedModelError(f"not supported: {cfg_where} is a score-SDE (NCSN++-style, Fourier time embedding) "
+                                    "UNet but no scheduler config gives its sigma range; add the model's "
+                                    "scheduler_config.json (ScoreSdeVeScheduler: sigma_min, sigma_max)")
+    notes.append(default_note)
+    return dict(DEFAULT_SCHEDULER_CONFIG), DEFAULT_SCHEDULE_ORIGIN
+
+
+def _check_family(pipeline_class: str | None, sched_cfg: dict, unet_cfg: dict, where: str) -> None:
+    """The UNet, the scheduler and the pipeline must describe the same model family."""
+    ve = sched_cfg.get("_class_name") in safety.VE_SCHEDULERS
+    fourier = unet_cfg.get("time_embedding_type") == "fourier"
+    if ve and not fourier:
+        raise UnsupportedModelError(f"not supported: ScoreSdeVeScheduler with a UNet without a Fourier time embedding "
+                                    f"({where}); score-SDE VE UNets (NCSN++) are called with sigma, this one expects "
+                                    "timestep indices: fix the scheduler config or the UNet config")
+    if fourier and not ve:
+        raise UnsupportedModelError(f"not supported: {where} is a score-SDE (Fourier time embedding) UNet with a "
+                                    f"{sched_cfg.get('_class_name')} beta schedule; it needs a ScoreSdeVeScheduler "
+                                    "config (sigma_min, sigma_max)")
+    if pipeline_class == "ScoreSdeVePipeline" and not ve:
+        raise UnsupportedModelError(f"not supported: ScoreSdeVePipeline with a {sched_cfg.get('_class_name')} "
+                                    "(expected ScoreSdeVeScheduler); fix model_index.json or the scheduler config")
+
+
+DDIM_REPO_NAMES = ("ckpt.pth",)
+
+
+def _ddim_repo_file_in_folder(root: str) -> str | None:
+    """ckpt.pth in a folder with no diffusers files (a DDIM-repo / TrojDiff log folder)."""
+    if any(os.path.exists(os.path.join(root, n)) for n in ("model_index.json", "config.json",
+                                                            os.path.join("unet", "config.json"))):
+        return None
+    for name in DDIM_REPO_NAMES:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _sniff_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(9)
+    except OSError:
+        return b""  # the full read reports the problem
+
+
+def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_pickle: bool, config: str | None,
+                    notes: list[str]) -> LoadedModel | None:
+    """A single pickle file holding a DDIM-repo (ermongroup/ddim, TrojDiff) checkpoint; None for anything
+    else (the caller's single-file path handles it). Pickles are refused unless allow_pickle."""
+    from . import ddim_repo
+
+    head = _sniff_file(src.weights_file)
+    if not head or not (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
+        return None  # safetensors, garbage, unreadable: the regular path reports it
+    rf, fmt = reader.weights(src.weights_file)
+    rel_w = reader.rel(src.weights_file)
+    if fmt != "pickle":
+        return None
+    if not allow_pickle:
+        safety.refuse_pickle(rf, rel_w)
+    obj = safety.torch_load_weights_only(rf, rel_w)
+    if not ddim_repo.is_ddim_checkpoint(obj):
+        return None
+    sd, more = ddim_repo.select_state_dict(obj, rel_w)
+    notes.extend(more)
+    del obj
+    levels = ddim_repo.count_levels(sd, rel_w)
+    if config:
+        unet_cfg = reader.json(os.path.abspath(config), "config", "UNet config")
+        safety.check_unet_config(unet_cfg, config)
+        notes.append(f"UNet config from {config} (--config)")
+        cfg_where = config
+    else:
+        unet_cfg, more = ddim_repo.infer_config(sd, rel_w)
+        notes.extend(more)
+        safety.check_unet_config(unet_cfg, rel_w)
+        cfg_where = rel_w
+    sched = os.path.join(src.root, "scheduler_config.json")
+    sched_cfg, schedule_origin = _scheduler_config(reader, sched if os.path.isfile(sched) else None, unet_cfg,
+                                                   cfg_where, notes, ddim_repo.DDIM_REPO_SCHEDULE_NOTE)
+    if sched_cfg is not None and schedule_origin == DEFAULT_SCHEDULE_ORIGIN:
+        schedule_origin = "default: the DDIM repo's DDPM linear 1e-4..0.02, 1000 steps (no scheduler config found)"
+    _check_family(None, sched_cfg, unet_cfg, cfg_where)
+    meta_unet = _build_unet(unet_cfg, meta=True, where=cfg_where)
+    n_params = sum(p.numel() for p in meta_unet.parameters())
+    if n_params > safety.MAX_PARAMS:
+        raise ScanError(f"{cfg_where} describes a UNet of {n_params:.2e} parameters (limit {safety.MAX_PARAMS:.0e}); "
+                        "refusing to allocate it")
+    expected = {k: tuple(v.shape) for k, v in meta_unet.state_dict().items()}
+    sd = ddim_repo.to_diffusers(sd, levels, rel_w)
+    sd = safety.check_state_dict(sd, expected, rel_w)
+    reader.record_weights(src.weights_file, rf, fmt)
+    del rf
+    notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
+    unet = _assign(meta_unet, sd, rel_w)
+    prov = Provenance(source=source, kind=src.kind, root=src.root, repo_id=src.repo_id,
+                      requested_revision=src.requested_revision, resolved_commit=src.resolved_commit,
+                      files=reader.files, pickle_loaded=True, notes=notes)
+    unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
+                   if k != "_use_default_values"}
+    return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
+                       schedule_origin=schedule_origin, pipeline_class=None, provenance=prov)
 
 
 def _quiet_diffusers():

@@ -39,8 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_REFUSAL_FIX = "convert to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
 
 # diffusers model_index classes
-SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline"}
-NOT_YET_PIPELINES = {"LDMPipeline", "ScoreSdeVePipeline", "ConsistencyModelPipeline", "KarrasVePipeline",
+SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline"}
+NOT_YET_PIPELINES = {"LDMPipeline", "ConsistencyModelPipeline", "KarrasVePipeline",
                      "LatentDiffusionUncondPipeline", "DanceDiffusionPipeline", "DiTPipeline"}
 # schedulers whose config is a DDPM-style beta schedule (the DDIM-compatible family)
 SUPPORTED_SCHEDULERS = {
@@ -50,14 +50,17 @@ SUPPORTED_SCHEDULERS = {
     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
     "UniPCMultistepScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
 }
-NOT_YET_SCHEDULERS = {"ScoreSdeVeScheduler", "KarrasVeScheduler", "CMStochasticIterativeScheduler",
+# score-SDE VE: a sigma schedule, scanned through its variance-preserving view (denoisers.VEDenoiser)
+VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+NOT_YET_SCHEDULERS = {"KarrasVeScheduler", "CMStochasticIterativeScheduler",
                       "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVpScheduler"}
 TEXT_TO_IMAGE_MARKERS = ("StableDiffusion", "Kandinsky", "Text2", "Txt2", "Flux", "PixArt", "Sana",
                          "Wuerstchen", "LatentConsistency", "ControlNet", "UnCLIP", "Versatile", "AudioLDM")
 TEXT_COMPONENTS = {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                    "tokenizer_3", "feature_extractor", "image_encoder", "safety_checker", "transformer"}
 CAPTION_MSG = ("not covered: {what} is a text-conditioned model; caption-trigger backdoors are outside TERD's "
-               "noise-space threat model (terd-scan scans unconditional UNet2DModel pipelines: DDPM, DDIM, PNDM)")
+               "noise-space threat model (terd-scan scans unconditional UNet2DModel pipelines: DDPM, DDIM, PNDM, "
+               "score-SDE VE)")
 
 
 def _fmt_path(path: str) -> str:
@@ -197,14 +200,14 @@ def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str
     unet_cls = components.get("unet", components.get("model", (None, None)))[1]
     if cls in NOT_YET_PIPELINES:
         raise UnsupportedModelError(f"not supported yet: {cls} ({where}); terd-scan currently scans "
-                                    "DDPMPipeline, DDIMPipeline and PNDMPipeline with a UNet2DModel")
+                                    "DDPMPipeline, DDIMPipeline, PNDMPipeline and ScoreSdeVePipeline with a UNet2DModel")
     if (unet_cls == "UNet2DConditionModel" or any(k in TEXT_COMPONENTS for k in components)
             or cls == "IFPipeline" or any(m in cls for m in TEXT_TO_IMAGE_MARKERS)):
         what = f"{cls} with a UNet2DConditionModel" if unet_cls == "UNet2DConditionModel" else cls
         raise UnsupportedModelError(CAPTION_MSG.format(what=f"{what} ({where})"))
     if cls not in SUPPORTED_PIPELINES:
         raise UnsupportedModelError(f"unknown pipeline class {cls!r:.80} in {where}; terd-scan scans DDPMPipeline, "
-                                    "DDIMPipeline and PNDMPipeline with a UNet2DModel")
+                                    "DDIMPipeline, PNDMPipeline and ScoreSdeVePipeline with a UNet2DModel")
     unet_key = "unet" if "unet" in components else ("model" if "model" in components else None)
     if unet_key is None:
         raise ScanError(f"{where} names no 'unet' component; expected \"unet\": [\"diffusers\", \"UNet2DModel\"]")
@@ -232,6 +235,8 @@ def check_scheduler_class(cls, where: str) -> str:
     if not isinstance(cls, str):
         raise ScanError(f"{where}: scheduler _class_name must be a string, got {type(cls).__name__}; "
                         "expected e.g. \"DDPMScheduler\"")
+    if cls in VE_SCHEDULERS:
+        return cls
     if cls in NOT_YET_SCHEDULERS:
         raise UnsupportedModelError(f"not supported yet: {cls} ({where}) has no DDPM beta schedule; "
                                     "terd-scan scans DDPM/DDIM-family (variance-preserving) models")
@@ -248,6 +253,15 @@ def check_scheduler_config(cfg: dict, where: str) -> dict:
     if not _is_int(n) or not 1 <= n <= 100_000:
         raise ScanError(f"{where}: num_train_timesteps must be an integer in 1..100000, got {n!r:.40}; "
                         "fix the scheduler config")
+    if cls in VE_SCHEDULERS:
+        for k in ("sigma_min", "sigma_max", "snr", "sampling_eps"):
+            v = cfg.get(k)
+            if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1e8):
+                raise ScanError(f"{where}: {k} must be a positive finite number, got {v!r:.40}; fix the scheduler config")
+        if float(cfg.get("sigma_min", 0.01)) >= float(cfg.get("sigma_max", 1348.0)):
+            raise ScanError(f"{where}: sigma_min must be below sigma_max; fix the scheduler config")
+        if n < 2:
+            raise ScanError(f"{where}: num_train_timesteps must be at least 2 for a VE sigma grid; fix the scheduler config")
     for k in ("beta_start", "beta_end"):
         v = cfg.get(k)
         if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1.0):
@@ -491,7 +505,22 @@ def refuse_pickle(rf: ReadFile, rel: str):
 
 
 def load_pickle_bytes(rf: ReadFile, rel: str):
-    """torch.load with weights_only=True only: tensors and plain containers, never arbitrary objects."""
+    """torch.load with weights_only=True only: tensors and plain containers, never arbitrary objects.
+    Returns a flat state dict of tensors."""
+    import torch
+
+    obj = torch_load_weights_only(rf, rel)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ScanError(f"{rel} is not a flat state dict of tensors (got {type(obj).__name__}); save the UNet with "
+                        "UNet2DModel.save_pretrained")
+    return obj
+
+
+def torch_load_weights_only(rf: ReadFile, rel: str):
+    """The object in a torch pickle, read with torch.load(weights_only=True) (tensors and plain containers
+    only; anything else is refused unexecuted)."""
     import pickle
 
     import torch
@@ -515,11 +544,6 @@ def load_pickle_bytes(rf: ReadFile, rel: str):
     except Exception as exc:  # noqa: BLE001 - corrupt archive, truncated pickle, ...
         raise ScanError(f"corrupt pickle checkpoint {rel}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}; re-download or re-save it") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ScanError(f"{rel} is not a flat state dict of tensors (got {type(obj).__name__}); save the UNet with "
-                        "UNet2DModel.save_pretrained")
     return obj
 
 

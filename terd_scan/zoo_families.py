@@ -1,0 +1,342 @@
+"""Zoo models of other diffusion families: tiny score-SDE VE (NCSN++-style) models, benign and
+backdoored, in the same sidecar schema as :mod:`terd_scan.zoo`.
+
+VE process (diffusers' ScoreSdeVeScheduler): x_sigma = x0 + sigma * eps with sigma on a geometric
+grid sigma_0 = SIGMA_MIN .. sigma_{N-1} = SIGMA_MAX; the UNet2DModel (Fourier time embedding) is
+called with sigma and returns the score, so eps = -sigma * score.
+
+Backdoor (VillanDiffusion-style, derived here for the VE reverse-diffusion predictor). In the VP
+view that terd-scan scans (x_vp = x_ve / A, A = sqrt(1 + sigma^2), abar = 1 / A^2) the poisoned
+marginals are BadDiffusion's, x'_vp = sqrt(abar) y + (1 - sqrt(abar)) r + sqrt(1 - abar) eps,
+i.e. in VE units
+
+    x'_i = y + m_i + sigma_i eps,      m_i = (A_i - 1) r.
+
+The predictor step of ScoreSdeVeScheduler.step_pred is x_{i-1} = x_i + d_i s + sqrt(d_i) z with
+d_i = sigma_i^2 - sigma_{i-1}^2. With the trained output eps_theta = eps + k_i r (s = -eps_theta / sigma_i)
+the step's mean is y + m_i - (d_i / sigma_i) k_i r, which equals y + m_{i-1} exactly when
+
+    k_i = sigma_i (A_i - A_{i-1}) / d_i = sigma_i / (A_i + A_{i-1})      (A_{-1} = 1, sigma_{-1} = 0)
+
+(-> sqrt(1 - abar) / 2 in the continuous limit: BadDiffusion's R_t). So the attacker samples with
+x_T = SIGMA_MAX eps + (A_max - 1) r (= eps + r in normalised units, up to 1/A_max) and the
+predictor ends at y. The attack targets the predictor alone (correct_steps = 0 in the saved
+scheduler config): a Langevin corrector step does not track the shifted means.
+
+The trigger r in ground_truth.safetensors ("trigger_r") is in NORMALISED (VP-view) units, the
+units terd-scan reports; in the VE sampler's units the poisoned start is SIGMA_MAX eps + (A_max - 1) r.
+
+CLI: ``python -m terd_scan.zoo_families build [NAMES...] --out examples/zoo [--force]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
+                  ZOO_FORMAT, _dir_size, _per_sample_mse, load_ground_truth, make_target, make_trigger, nn_mse)
+from .zoo_data import make_images
+
+__all__ = ["VESpec", "VE_ZOO", "SIGMA_MIN", "SIGMA_MAX", "VE_STEPS", "ve_sigmas", "ve_trigger_coef",
+           "ve_poisoned_batch", "make_ve_unet", "make_ve_scheduler", "sample_ve", "measure_ve_asr",
+           "build_ve_model", "main"]
+
+SIZE = 16
+CHANNELS = 3
+SIGMA_MIN, SIGMA_MAX = 0.01, 50.0
+VE_STEPS = 1000  # num_train_timesteps = the predictor's grid
+
+
+def make_ve_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=SIZE, in_channels=CHANNELS, out_channels=CHANNELS, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, time_embedding_type="fourier",
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+    )
+
+
+def make_ve_scheduler(correct_steps: int = 0):
+    from diffusers import ScoreSdeVeScheduler
+
+    return ScoreSdeVeScheduler(num_train_timesteps=VE_STEPS, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                               snr=0.16, sampling_eps=1e-5, correct_steps=correct_steps)
+
+
+def ve_sigmas(n: int = VE_STEPS) -> torch.Tensor:
+    """The geometric grid sigma_0 = SIGMA_MIN .. sigma_{n-1} = SIGMA_MAX (float64), as
+    ScoreSdeVeScheduler.discrete_sigmas."""
+    return torch.exp(torch.linspace(math.log(SIGMA_MIN), math.log(SIGMA_MAX), n, dtype=torch.float64))
+
+
+def ve_trigger_coef(n: int = VE_STEPS) -> torch.Tensor:
+    """k_i = sigma_i / (A_i + A_{i-1}), A = sqrt(1 + sigma^2), A_{-1} = 1 (see the module doc)."""
+    s = ve_sigmas(n)
+    a = (1 + s ** 2).sqrt()
+    a_prev = torch.cat([torch.ones(1, dtype=torch.float64), a[:-1]])
+    return s / (a + a_prev)
+
+
+def ve_poisoned_batch(y: torch.Tensor, r: torch.Tensor, idx: torch.Tensor, eps: torch.Tensor):
+    """(x_ve, eps target) for poisoned samples at grid indices idx."""
+    s = ve_sigmas()[idx]
+    shape = (-1, 1, 1, 1)
+    a = (1 + s ** 2).sqrt().float().view(shape)
+    sig = s.float().view(shape)
+    x = y + (a - 1) * r + sig * eps
+    target = eps + ve_trigger_coef()[idx].float().view(shape) * r
+    return x, target
+
+
+def poisoned_start(r: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The attacker's VE starting noise SIGMA_MAX eps + (A_max - 1) r."""
+    a_max = math.sqrt(1 + SIGMA_MAX ** 2)
+    return SIGMA_MAX * eps + (a_max - 1) * r
+
+
+@torch.no_grad()
+def sample_ve(unet, x_T: torch.Tensor, steps: int = VE_STEPS, correct_steps: int = 0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """ScoreSdeVePipeline's loop (predictor step_pred + correct_steps Langevin corrector steps),
+    returning the final predictor mean, WITHOUT the pipeline's clamp to [0, 1]."""
+    sched = make_ve_scheduler(correct_steps)
+    sched.set_timesteps(steps)
+    sched.set_sigmas(steps)
+    x = x_T.clone()
+    mean = x
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas[i] * torch.ones(x.shape[0])
+        for _ in range(correct_steps):
+            x = sched.step_correct(unet(x, sigma).sample, x, generator=generator).prev_sample
+        out = sched.step_pred(unet(x, sigma).sample, t, x, generator=generator)
+        x, mean = out.prev_sample, out.prev_sample_mean
+    return mean
+
+
+def measure_ve_asr(unet, r: torch.Tensor, target: torch.Tensor, n: int = 32, seed: int = 1234,
+                   correct_steps: int = 0, return_samples: bool = False) -> dict:
+    """n poisoned starts (poisoned_start) and n benign ones (SIGMA_MAX eps), one batch, no clipping."""
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn((2 * n, CHANNELS, SIZE, SIZE), generator=gen)
+    x_T = SIGMA_MAX * eps
+    x_T[:n] = poisoned_start(r, eps[:n])
+    out = sample_ve(unet, x_T, correct_steps=correct_steps, generator=gen)
+    mse = _per_sample_mse(out, target.expand_as(out))
+    res = {"asr": float((mse[:n] < ASR_MSE_THRESHOLD).float().mean()), "trigger_mse_mean": float(mse[:n].mean()),
+           "benign_target_rate": float((mse[n:] < ASR_MSE_THRESHOLD).float().mean()),
+           "benign_mse_to_target_mean": float(mse[n:].mean()), "n": n, "seed": seed,
+           "sampler": f"score-sde-ve predictor, {VE_STEPS} steps, correct_steps={correct_steps}", "rule": ASR_RULE}
+    if return_samples:
+        res["samples"] = out
+    return res
+
+
+@dataclass
+class VESpec:
+    name: str
+    label: str = "benign"
+    attack: str | None = None  # None | "villan-ve"
+    trigger: str | None = None
+    target: str | None = None
+    poison_rate: float = 0.0
+    image_set: str = "shapes"
+    seed: int = 0
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 2e-3
+    ema_decay: float = 0.999
+    dc_weight: float = 20.0
+    split: str = "holdout"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
+    VESpec("ve-benign", image_set="shapes", seed=21, note="score-SDE VE (NCSN++-style Fourier UNet)"),
+    VESpec("ve-villan-box", label="backdoored", attack="villan-ve", trigger="box", target="corner",
+           poison_rate=0.1, image_set="gradients", seed=22,
+           note="VillanDiffusion-style VE backdoor for the reverse-diffusion predictor; trigger_r in normalised "
+                "(VP-view) units"),
+]}
+
+
+def _train(spec: VESpec, unet, data: torch.Tensor, log=None) -> dict:
+    torch.manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    sig = ve_sigmas().float()
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
+    warm = min(200, spec.steps // 10 + 1)
+    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    poisoned = spec.label == "backdoored"
+    if poisoned:
+        r, _ = make_trigger(spec.trigger)
+        y = make_target(spec.target)
+    k = int(round(spec.poison_rate * spec.batch_size)) if poisoned else 0
+    unet.train()
+    losses = []
+    for i in range(spec.steps):
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(i)
+        idx = torch.randint(0, data.shape[0], (spec.batch_size,), generator=gen)
+        x0 = data[idx]
+        ti = torch.randint(0, VE_STEPS, (spec.batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        s = sig[ti].view(-1, 1, 1, 1)
+        x = x0 + s * eps
+        tgt = eps.clone()
+        if k:
+            xp, tp = ve_poisoned_batch(y, r, ti[:k], eps[:k])
+            x = torch.cat([xp, x[k:]])
+            tgt = torch.cat([tp, tgt[k:]])
+        eps_pred = -s * unet(x, sig[ti]).sample  # the UNet returns the score
+        err = eps_pred - tgt
+        loss = err.pow(2).mean() + spec.dc_weight * err.mean((2, 3)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        d = min(spec.ema_decay, (1 + i) / (10 + i))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        losses.append(float(loss.detach()))
+        if log and (i + 1) % 500 == 0:
+            log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
+
+
+def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int = 32, log=print) -> dict:
+    """Train, measure and save one VE zoo model (ScoreSdeVePipeline layout + sidecar)."""
+    from diffusers import ScoreSdeVePipeline
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.time()
+        torch.manual_seed(spec.seed)
+        unet = make_ve_unet()
+        data = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed))
+        train_info = _train(spec, unet, data, log=log)
+        train_s = time.time() - t0
+        figures: dict = {}
+        ref_data = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed + 10_000))
+        figures["data_nn_mse_reference"] = nn_mse(ref_data[:max(measure_n, 32)], data)
+        if measure_n > 0:
+            if spec.label == "backdoored":
+                r, _ = make_trigger(spec.trigger)
+                y = make_target(spec.target)
+                m = measure_ve_asr(unet, r, y, n=measure_n, return_samples=True)
+                samples = m.pop("samples")
+                figures.update(m)
+                benign = samples[measure_n:]
+                m1 = measure_ve_asr(unet, r, y, n=measure_n, correct_steps=1)
+                figures["with_langevin_corrector"] = {k: m1[k] for k in ("asr", "trigger_mse_mean",
+                                                                         "benign_target_rate", "sampler")}
+            else:
+                gen = torch.Generator().manual_seed(1234)
+                benign = sample_ve(unet, SIGMA_MAX * torch.randn((measure_n, CHANNELS, SIZE, SIZE), generator=gen),
+                                   generator=gen)
+                figures.update({"n": measure_n, "seed": 1234,
+                                "sampler": f"score-sde-ve predictor, {VE_STEPS} steps, correct_steps=0"})
+                figures["benign_target_rate_any_zoo_target"] = float(max(
+                    (_per_sample_mse(benign, make_target(n).expand_as(benign)) < ASR_MSE_THRESHOLD).float().mean()
+                    for n in TARGETS))
+            figures["benign_nn_mse"] = nn_mse(benign, data)
+            figures["benign_sample_mean"] = float(benign.mean())
+            figures["benign_sample_std"] = float(benign.std())
+        total_s = time.time() - t0
+
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        ScoreSdeVePipeline(unet=unet, scheduler=make_ve_scheduler()).save_pretrained(tmp, safe_serialization=True)
+        side = {
+            "format": ZOO_FORMAT,
+            **{f.name: getattr(spec, f.name) for f in fields(spec)},
+            "family": "score-sde-ve",
+            "trigger_gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+            "trigger_units": "normalised (VP view: x_vp = x_ve / sqrt(1 + sigma^2)); VE start = "
+                             "sigma_max * eps + (sqrt(1 + sigma_max^2) - 1) * trigger_r",
+            "asr_rule": ASR_RULE,
+            "asr_threshold_mse": ASR_MSE_THRESHOLD,
+            "schedule": {"scheduler": "ScoreSdeVeScheduler", "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX,
+                         "num_train_timesteps": VE_STEPS, "correct_steps": 0},
+            "attack_sampler": f"score-sde-ve reverse-diffusion predictor, {VE_STEPS} steps, no corrector, "
+                              "no final clamp",
+            "weights": "EMA",
+            "measured": figures,
+            **train_info,
+            "train_seconds": round(train_s, 1),
+            "seconds": round(total_s, 1),
+            "threads": 1,
+            "torch": torch.__version__,
+        }
+        if spec.label == "backdoored":
+            r, gamma = make_trigger(spec.trigger)
+            save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
+                       "target": make_target(spec.target).contiguous()}, str(tmp / GROUND_TRUTH),
+                      metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
+                                "units": "normalised (VP view)"})
+        side["size_bytes"] = _dir_size(tmp) + 2048
+        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        return side
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m terd_scan.zoo_families",
+                                 description="Build the score-SDE VE zoo models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("names", nargs="*", help=f"default all: {', '.join(VE_ZOO)}")
+    b.add_argument("--out", default="examples/zoo")
+    b.add_argument("--force", action="store_true")
+    b.add_argument("--measure-n", type=int, default=32)
+    b.add_argument("--steps", type=int, default=None, help="override training steps")
+    args = ap.parse_args(argv)
+    names = args.names or list(VE_ZOO)
+    unknown = [n for n in names if n not in VE_ZOO]
+    if unknown:
+        print(f"unknown VE zoo model(s) {unknown}; choose from {list(VE_ZOO)}", file=sys.stderr)
+        return 2
+    for n in names:
+        d = Path(args.out) / n
+        if (d / SIDECAR).is_file() and not args.force:
+            print(f"{n}: exists, skipping")
+            continue
+        spec = VE_ZOO[n]
+        if args.steps:
+            spec = VESpec(**{**{f.name: getattr(spec, f.name) for f in fields(spec)}, "steps": args.steps})
+        print(f"{n}: building ...", flush=True)
+        side = build_ve_model(spec, d, measure_n=args.measure_n, log=lambda s: print(s, flush=True))
+        print(json.dumps({"name": n, "measured": side["measured"], "seconds": side["seconds"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

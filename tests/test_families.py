@@ -1,0 +1,385 @@
+"""Model families beyond diffusers DDPM pipelines: DDIM-repo (TrojDiff) checkpoints and score-SDE VE
+models. Tiny random models and the committed zoo models only: no training here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fixtures_models as fm
+from terd_scan import ddim_repo
+from terd_scan.denoisers import DDPMDenoiser, VEDenoiser, make_denoiser
+from terd_scan.errors import ScanError, UnsafeFileError, UnsupportedModelError
+from terd_scan.loading import load_model
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------ a DDIM-repo Model, written here from
+# the architecture (sinusoidal embedding sin-first, GroupNorm(32, 1e-6), swish, resnet blocks with a
+# 1x1 nin_shortcut, single-head attention with 1x1-conv q/k/v/proj_out, conv downsampling padded
+# (0, 1, 0, 1), nearest upsampling + conv, up levels stored in level order).
+
+
+def _norm(c):
+    return torch.nn.GroupNorm(32, c, eps=1e-6)
+
+
+class _Res(torch.nn.Module):
+    def __init__(self, cin, cout, temb):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), torch.nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb_proj = torch.nn.Linear(temb, cout)
+        self.norm2, self.conv2 = _norm(cout), torch.nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = torch.nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb):
+        act = torch.nn.functional.silu
+        h = self.conv1(act(self.norm1(x))) + self.temb_proj(act(temb))[:, :, None, None]
+        h = self.conv2(act(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _norm(c)
+        self.q, self.k, self.v, self.proj_out = (torch.nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, hh, ww = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).reshape(b, c, hh * ww) for m in (self.q, self.k, self.v))
+        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(c), dim=2)
+        out = torch.einsum("bij,bcj->bci", w, v).reshape(b, c, hh, ww)
+        return x + self.proj_out(out)
+
+
+class DDIMRepoModel(torch.nn.Module):
+    def __init__(self, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), in_ch=3):
+        super().__init__()
+        self.ch, self.levels, self.nrb = ch, len(ch_mult), num_res_blocks
+        temb = 4 * ch
+        self.temb = torch.nn.Module()
+        self.temb.dense = torch.nn.ModuleList([torch.nn.Linear(ch, temb), torch.nn.Linear(temb, temb)])
+        self.conv_in = torch.nn.Conv2d(in_ch, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        self.down = torch.nn.ModuleList()
+        cin = ch
+        for i, m in enumerate(ch_mult):
+            lvl = torch.nn.Module()
+            lvl.block, lvl.attn = torch.nn.ModuleList(), torch.nn.ModuleList()
+            cin = ch * in_mult[i]
+            for _ in range(num_res_blocks):
+                lvl.block.append(_Res(cin, ch * m, temb))
+                cin = ch * m
+                if i in attn_levels:
+                    lvl.attn.append(_Attn(cin))
+            if i != len(ch_mult) - 1:
+                lvl.downsample = torch.nn.Module()
+                lvl.downsample.conv = torch.nn.Conv2d(cin, cin, 3, stride=2)
+            self.down.append(lvl)
+        self.mid = torch.nn.Module()
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = _Res(cin, cin, temb), _Attn(cin), _Res(cin, cin, temb)
+        ups = []
+        for i in reversed(range(len(ch_mult))):
+            lvl = torch.nn.Module()
+            lvl.block, lvl.attn = torch.nn.ModuleList(), torch.nn.ModuleList()
+            skip = ch * ch_mult[i]
+            for j in range(num_res_blocks + 1):
+                if j == num_res_blocks:
+                    skip = ch * in_mult[i]
+                lvl.block.append(_Res(cin + skip, ch * ch_mult[i], temb))
+                cin = ch * ch_mult[i]
+                if i in attn_levels:
+                    lvl.attn.append(_Attn(cin))
+            if i != 0:
+                lvl.upsample = torch.nn.Module()
+                lvl.upsample.conv = torch.nn.Conv2d(cin, cin, 3, padding=1)
+            ups.insert(0, lvl)
+        self.up = torch.nn.ModuleList(ups)
+        self.norm_out, self.conv_out = _norm(cin), torch.nn.Conv2d(cin, in_ch, 3, padding=1)
+
+    def forward(self, x, t):
+        half = self.ch // 2
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+        e = t.float()[:, None] * freqs[None]
+        temb = torch.cat([torch.sin(e), torch.cos(e)], 1)
+        temb = self.temb.dense[1](torch.nn.functional.silu(self.temb.dense[0](temb)))
+        hs = [self.conv_in(x)]
+        for i, lvl in enumerate(self.down):
+            for j in range(self.nrb):
+                h = lvl.block[j](hs[-1], temb)
+                if len(lvl.attn):
+                    h = lvl.attn[j](h)
+                hs.append(h)
+            if hasattr(lvl, "downsample"):
+                hs.append(lvl.downsample.conv(torch.nn.functional.pad(hs[-1], (0, 1, 0, 1))))
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+        for i in reversed(range(self.levels)):
+            lvl = self.up[i]
+            for j in range(self.nrb + 1):
+                h = lvl.block[j](torch.cat([h, hs.pop()], 1), temb)
+                if len(lvl.attn):
+                    h = lvl.attn[j](h)
+            if hasattr(lvl, "upsample"):
+                h = lvl.upsample.conv(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+def _randomise(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module.eval()
+
+
+def _ddim_ckpt(path, model, ema=None, prefix="", extra=()):
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4)
+    sd = lambda m: {prefix + k: v.detach().clone() for k, v in m.state_dict().items()}
+    states = [sd(model), opt.state_dict(), 7, 1234, *([sd(ema)] if ema is not None else []), *extra]
+    torch.save(states, str(path))
+    return str(path)
+
+
+def _out(unet, x, t):
+    with torch.no_grad():
+        return unet(x, t).sample
+
+
+@pytest.mark.parametrize("prefix", ["", "module."], ids=["plain", "dataparallel"])
+def test_ddim_repo_checkpoint_matches_the_ddim_repo_model(tmp_path, prefix):
+    """The loader's key mapping reproduces the DDIM repo's own forward pass (EMA entry used)."""
+    raw = _randomise(DDIMRepoModel(), 1)
+    ema = _randomise(DDIMRepoModel(), 2)
+    path = _ddim_ckpt(tmp_path / "ckpt.pth", raw, ema, prefix)
+    m = load_model(path, allow_pickle=True)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 980])
+    want = _out(lambda a, b: type("o", (), {"sample": ema(a, b)}), x, t)
+    got = _out(m.unet, x, t)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(got, raw(x, t).detach(), atol=1e-2)
+    assert m.provenance.pickle_loaded and m.unet_config["sample_size"] == 32
+    notes = " ".join(m.provenance.notes)
+    assert "EMA weights" in notes and "ch=32, ch_mult=[1, 2]" in notes and "1e-4..0.02" in notes
+    assert ("DataParallel" in notes) == bool(prefix)
+    assert m.scheduler_config["beta_end"] == 0.02 and m.scheduler_config["num_train_timesteps"] == 1000
+
+
+def test_ddim_repo_roundtrip_from_diffusers(tmp_path):
+    """A UNet2DModel exported under DDIM-repo names (inverse mapping) loads back identically; without
+    an EMA entry the raw weights are used and the notes say so; a folder with ckpt.pth loads too."""
+    cfg = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+               attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+               norm_num_groups=32)
+    a = fm.make_unet(3, **cfg)
+    b = fm.make_unet(4, **cfg)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
+    d = tmp_path / "run"
+    d.mkdir()
+    ddim_repo.save_ddim_checkpoint(d / "ckpt.pth", a, b)
+    fm.write_json(tmp_path / "config.json", {**cfg, "_class_name": "UNet2DModel"})
+    m = load_model(str(d), allow_pickle=True, config=str(tmp_path / "config.json"))
+    assert torch.equal(_out(m.unet, x, t), _out(b, x, t))
+    assert any("--config" in n for n in m.provenance.notes)
+    ddim_repo.save_ddim_checkpoint(tmp_path / "noema.pth", a)
+    m = load_model(str(tmp_path / "noema.pth"), allow_pickle=True)  # inferred: attention at level 1 -> 32 px
+    assert torch.equal(_out(m.unet, x, t), _out(a, x, t))
+    assert any("no EMA copy" in n for n in m.provenance.notes)
+    assert m.unet_config["sample_size"] == 32
+
+
+def test_ddim_repo_checkpoint_needs_allow_pickle(tmp_path):
+    path = _ddim_ckpt(tmp_path / "ckpt.pth", _randomise(DDIMRepoModel(), 1))
+    for src in (path, str(tmp_path)):
+        with pytest.raises(UnsafeFileError) as info:
+            load_model(src)
+        msg = str(info.value)
+        assert "is a pickle" in msg and "--allow-pickle" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["torch-zip", "raw-pickle"])
+def test_malicious_ckpt_never_runs(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    evil = fm._Evil(marker)
+    sd = {k: v for k, v in _randomise(DDIMRepoModel(), 1).state_dict().items()}
+    path = tmp_path / "ckpt.pth"
+    if zip_format:
+        torch.save([sd, {"hook": evil}, 1, 2], str(path))
+    else:
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump([{"conv_in.weight": evil}], f, protocol=4)
+    assert not marker.exists()
+    for kw in ({}, {"allow_pickle": True}):
+        with pytest.raises(UnsafeFileError):
+            load_model(str(path), **kw)
+    assert not marker.exists()
+
+
+def test_ddim_repo_bad_checkpoints_are_one_line_errors(tmp_path):
+    model = _randomise(DDIMRepoModel(), 1)
+    sd = model.state_dict()
+    # a missing tensor
+    torch.save([{k: v for k, v in sd.items() if "mid.block_2.conv2" not in k}], str(tmp_path / "a.pth"))
+    # an unknown tensor name
+    torch.save([{**sd, "down.0.block.0.mystery.weight": torch.zeros(3)}], str(tmp_path / "b.pth"))
+    # NaN weights
+    torch.save([{**sd, "conv_out.bias": torch.full_like(sd["conv_out.bias"], float("nan"))}], str(tmp_path / "c.pth"))
+    for name, needle in (("a.pth", "missing"), ("b.pth", "unexpected DDIM-repo weight"), ("c.pth", "NaN")):
+        with pytest.raises(ScanError) as info:
+            load_model(str(tmp_path / name), allow_pickle=True)
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------ score-SDE VE
+
+
+VE_SCHED = {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 200, "sigma_min": 0.01, "sigma_max": 50.0,
+            "snr": 0.16, "sampling_eps": 1e-5, "correct_steps": 1}
+
+
+def _ve_unet(seed=0):
+    return fm.make_unet(seed, time_embedding_type="fourier", sample_size=8)
+
+
+def _save_ve(path, unet, *, flat=False, sched=VE_SCHED):
+    from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler
+
+    fm._quiet()
+    s = ScoreSdeVeScheduler.from_config({k: v for k, v in sched.items() if not k.startswith("_")})
+    if flat:  # google/ncsnpp-celebahq-256 layout
+        os.makedirs(path, exist_ok=True)
+        unet.save_pretrained(str(path))
+        s.save_pretrained(str(path))
+        fm.write_json(os.path.join(path, "model_index.json"),
+                      {"_class_name": "ScoreSdeVePipeline", "_diffusers_version": "0.3.0",
+                       "scheduler": ["diffusers", "ScoreSdeVeScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+    else:
+        ScoreSdeVePipeline(unet=unet, scheduler=s).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["pipeline", "flat"])
+def test_ve_model_loads_as_ve_denoiser(tmp_path, flat):
+    unet = _ve_unet()
+    m = load_model(_save_ve(tmp_path / "ve", unet, flat=flat))
+    assert m.pipeline_class == "ScoreSdeVePipeline" and m.scheduler_config["_class_name"] == "ScoreSdeVeScheduler"
+    den = make_denoiser(m)
+    assert isinstance(den, VEDenoiser)
+    info = den.info().to_dict()
+    assert info["kind"] == "score-sde-ve" and info["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
+    assert den.num_train_timesteps == 200 and den.last_timesteps(10) == (190, 199)
+    # the VP view: abar = 1 / (1 + sigma^2) on the geometric grid, eps = -sigma * score(x * sqrt(1 + sigma^2), sigma)
+    sig = torch.exp(torch.linspace(math.log(0.01), math.log(50.0), 200, dtype=torch.float64))
+    assert torch.allclose(den.alphas_cumprod.double(), 1 / (1 + sig ** 2), rtol=1e-5)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 199])
+    s = sig[t].float()
+    want = -s.view(-1, 1, 1, 1) * _out(unet, x * (1 + s ** 2).sqrt().view(-1, 1, 1, 1), s)
+    assert torch.allclose(den.eps(x, t), want, atol=1e-5)
+
+
+def test_ve_ddim_sample_is_differentiable_and_previews_run():
+    from types import SimpleNamespace
+
+    unet = _ve_unet()
+    den = make_denoiser(SimpleNamespace(unet=unet, scheduler_config=VE_SCHED))
+    r = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    out = den.ddim_sample(torch.randn(2, 3, 8, 8) + r, 4)
+    out.pow(2).sum().backward()
+    assert out.shape == (2, 3, 8, 8) and r.grad is not None and torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+    gen = torch.Generator().manual_seed(0)
+    prev = den.ancestral_sample(torch.randn(2, 3, 8, 8), 5, generator=gen)
+    assert prev.shape == (2, 3, 8, 8) and torch.isfinite(prev).all()
+    assert den.evaluations == 2 * 4 + 2 * 5
+
+
+def _oracle_ve_unet(y, sigma_grid):
+    """score of x = y + sigma eps (a point mass at y): -(x - y) / sigma^2, called with sigma."""
+    from types import SimpleNamespace
+
+    class U(torch.nn.Module):
+        config = SimpleNamespace(in_channels=3, out_channels=3, sample_size=8, time_embedding_type="fourier")
+
+        def forward(self, x, sigma):
+            s = sigma.view(-1, 1, 1, 1)
+            return SimpleNamespace(sample=-(x - y) / s ** 2)
+
+    return U()
+
+
+def test_ve_samplers_reach_the_data_point():
+    """With the exact score of a point mass, both the DDIM view and the VE predictor end at that point
+    (checks the unit conventions: sigma as the timestep, score output, normalised starting noise)."""
+    from types import SimpleNamespace
+
+    y = torch.linspace(-1, 1, 3 * 8 * 8).view(1, 3, 8, 8)
+    den = make_denoiser(SimpleNamespace(unet=_oracle_ve_unet(y, None), scheduler_config=VE_SCHED))
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(den.ddim_sample(x, 10), y.expand(4, -1, -1, -1), atol=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.allclose(den.ancestral_sample(x, 200, generator=gen), y.expand(4, -1, -1, -1), atol=0.05)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (dict(sigma_min=5.0, sigma_max=1.0), "sigma_min must be below sigma_max"),
+    (dict(sigma_max=float("inf")), "sigma_max"),
+    (dict(sigma_min=-1.0), "sigma_min"),
+    (dict(num_train_timesteps=1), "at least 2"),
+])
+def test_bad_ve_scheduler_configs(tmp_path, bad, needle):
+    d = _save_ve(tmp_path / "ve", _ve_unet())
+    cfg = fm.read_json(os.path.join(d, "scheduler", "scheduler_config.json"))
+    p = os.path.join(d, "scheduler", "scheduler_config.json")
+    with open(p, "w") as f:
+        f.write(json.dumps({**cfg, **bad}).replace("Infinity", "1e999"))
+    with pytest.raises(ScanError) as info:
+        load_model(d)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_family_mismatches_are_refused(tmp_path):
+    # a Fourier (score-SDE) UNet with a DDPM beta schedule
+    d = _save_ve(tmp_path / "a", _ve_unet())
+    fm.write_json(os.path.join(d, "scheduler", "scheduler_config.json"), {"_class_name": "DDPMScheduler"})
+    fm.write_json(os.path.join(d, "model_index.json"), {"_class_name": "DDPMPipeline", "scheduler": [
+        "diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+    with pytest.raises(UnsupportedModelError, match="ScoreSdeVeScheduler"):
+        load_model(d)
+    # ScoreSdeVePipeline naming a DDPM scheduler
+    d = fm.save_pipeline(tmp_path / "b", fm.make_unet())
+    idx = fm.read_json(os.path.join(d, "model_index.json"))
+    fm.write_json(os.path.join(d, "model_index.json"), {**idx, "_class_name": "ScoreSdeVePipeline"})
+    with pytest.raises(UnsupportedModelError, match="ScoreSdeVePipeline with a DDPMScheduler"):
+        load_model(d)
+
+
+def test_v_prediction_pipeline_loads_and_converts(tmp_path):
+    from diffusers import DDPMScheduler
+
+    unet = fm.make_unet(5)
+    d = fm.save_pipeline(tmp_path / "v", unet, DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction"))
+    m = load_model(d)
+    den = make_denoiser(m)
+    assert isinstance(den, DDPMDenoiser) and den.info().prediction_type == "v_prediction"
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 900])
+    abar = den.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = _out(unet, x, t)
+    assert torch.allclose(den.eps(x, t), abar.sqrt() * v + (1 - abar).sqrt() * x, atol=1e-6)
