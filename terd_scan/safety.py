@@ -58,9 +58,9 @@ TEXT_TO_IMAGE_MARKERS = ("StableDiffusion", "Kandinsky", "Text2", "Txt2", "Flux"
                          "Wuerstchen", "LatentConsistency", "ControlNet", "UnCLIP", "Versatile", "AudioLDM")
 TEXT_COMPONENTS = {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                    "tokenizer_3", "feature_extractor", "image_encoder", "safety_checker", "transformer"}
-CAPTION_MSG = ("not covered: {what} is a text-conditioned model; caption-trigger backdoors are outside TERD's "
-               "noise-space threat model (terd-scan scans unconditional UNet2DModel pipelines: DDPM, DDIM, PNDM, "
-               "score-SDE VE)")
+CAPTION_MSG = ("not covered: caption-trigger backdoors are outside TERD's noise-space threat model ({what} is a "
+               "text-conditioned model); terd-scan scans unconditional UNet2DModel pipelines (DDPM, DDIM, PNDM, "
+               "score-SDE VE): check this model with a text-trigger backdoor defense instead")
 
 
 def _fmt_path(path: str) -> str:

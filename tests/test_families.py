@@ -383,3 +383,77 @@ def test_v_prediction_pipeline_loads_and_converts(tmp_path):
     abar = den.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = _out(unet, x, t)
     assert torch.allclose(den.eps(x, t), abar.sqrt() * v + (1 - abar).sqrt() * x, atol=1e-6)
+
+
+# ------------------------------------------------------------------ end to end through the CLI
+
+
+def _lenient_reference(tmp_path):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"format": "terd-scan-reference", "name": "t", "settings": {},
+                               "models": [{"mean_kl": 1e6, "var_kl": 1e6}, {"mean_kl": 1e6, "var_kl": 1e6}]}))
+    return str(ref)
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from terd_scan.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
+             "--sampler-steps", "2", "--device", "cpu", "-f", "json"]
+
+
+def test_ve_model_scans_end_to_end(tmp_path):
+    d = _save_ve(tmp_path / "ve", _ve_unet())
+    res = _cli("model", d, *CLI_CHEAP, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout)["model"]
+    assert model["kind"] == "score-sde-ve" and model["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
+    assert "VE reverse-diffusion predictor" in model["sampler"] and model["pipeline_class"] == "ScoreSdeVePipeline"
+    assert (tmp_path / "o" / "trigger.png").is_file()
+
+
+def test_ddim_repo_checkpoint_scans_end_to_end(tmp_path):
+    path = _ddim_ckpt(tmp_path / "ckpt.pth", _randomise(DDIMRepoModel(), 1), _randomise(DDIMRepoModel(), 2))
+    ref = _lenient_reference(tmp_path)
+    res = _cli("model", path, *CLI_CHEAP, "--reference", ref, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "--allow-pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = _cli("model", path, *CLI_CHEAP, "--reference", ref, "--out", tmp_path / "o", "--allow-pickle")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["model"]["kind"] == "ddpm" and rep["source"]["pickle_loaded"]
+    assert any("EMA weights" in n for n in rep["source"]["notes"])
+
+
+def test_text_to_image_message_and_exit_code(tmp_path):
+    d = fm.save_pipeline(tmp_path / "sd", fm.make_unet())
+    idx = fm.read_json(os.path.join(d, "model_index.json"))
+    fm.write_json(os.path.join(d, "model_index.json"), {**idx, "_class_name": "StableDiffusionPipeline",
+                                                        "unet": ["diffusers", "UNet2DConditionModel"],
+                                                        "text_encoder": ["transformers", "CLIPTextModel"]})
+    res = _cli("model", d, *CLI_CHEAP, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert "not covered: caption-trigger backdoors are outside TERD's noise-space threat model" in err, err
+    assert len(err.splitlines()) == 1
+
+
+def test_committed_ve_zoo_models():
+    from terd_scan.zoo import load_ground_truth
+
+    dirs = [ZOO_DIR / n for n in ("ve-benign", "ve-villan-box")]
+    if not all((d / "terd-zoo.json").is_file() for d in dirs):
+        pytest.skip("VE zoo models not built (python -m terd_scan.zoo_families build)")
+    benign, bd = (load_ground_truth(d) for d in dirs)
+    assert benign["label"] == "benign" and benign["family"] == "score-sde-ve"
+    assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
+    assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
+    assert bd["measured"]["benign_target_rate"] == 0.0
+    assert bd["trigger_r"].shape == (3, 16, 16) and "normalised" in bd["trigger_units"]
+    for d in dirs:
+        den = make_denoiser(load_model(str(d)))
+        assert isinstance(den, VEDenoiser) and den.input_shape == (3, 16, 16)
