@@ -592,7 +592,7 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
         side = {
             "format": ZOO_FORMAT,
             **{f.name: getattr(spec, f.name) for f in fields(spec)},
-            "trigger_gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+            "gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
             "asr_rule": ASR_RULE,
             "asr_threshold_mse": ASR_MSE_THRESHOLD,
             "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": BETA_END,
@@ -623,8 +623,13 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
 
 
 def load_ground_truth(model_dir: str | os.PathLike) -> dict:
-    """The sidecar dict of a zoo model; for backdoored models plus tensors "trigger_r",
-    "trigger_gamma", "target" (float32, (3, 16, 16))."""
+    """The sidecar dict of a zoo model (``terd-zoo.json``: "label", "attack", "trigger" and
+    "target" names, "gamma", "poison_rate", "split", "measured", ...).
+
+    For backdoored models it adds the exact tensors of ``ground_truth.safetensors`` (float32,
+    (3, 16, 16)): "trigger_r", "trigger_gamma" and "target_image" (stored in the file as
+    "target"); "tensors" holds them under the file's own keys.
+    """
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -634,7 +639,11 @@ def load_ground_truth(model_dir: str | os.PathLike) -> dict:
     side = json.loads(side_path.read_text())
     gt = model_dir / GROUND_TRUTH
     if gt.is_file():
-        side.update(load_file(str(gt)))
+        tensors = load_file(str(gt))
+        side["tensors"] = tensors
+        side["trigger_r"] = tensors["trigger_r"]
+        side["trigger_gamma"] = tensors["trigger_gamma"]
+        side["target_image"] = tensors["target"]
     elif side.get("label") == "backdoored":
         raise FileNotFoundError(f"{gt} missing for backdoored zoo model {model_dir}")
     return side

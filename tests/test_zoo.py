@@ -157,7 +157,8 @@ def test_tiny_build_is_deterministic_and_round_trips(tmp_path):
     assert json.loads((tmp_path / "a" / zoo.SIDECAR).read_text())["name"] == "tiny"
     r, g = zoo.make_trigger("patch")
     assert torch.equal(gt["trigger_r"], r) and torch.equal(gt["trigger_gamma"], g)
-    assert torch.equal(gt["target"], zoo.make_target("hat"))
+    assert torch.equal(gt["target_image"], zoo.make_target("hat")) and gt["target"] == "hat"
+    assert torch.equal(gt["tensors"]["target"], gt["target_image"]) and gt["gamma"] == 1.0
     assert s1["poison_rate"] == 0.25 and s2["seed"] == 7 and s3["seed"] == 8
     # a diffusers pipeline directory, weights in safetensors, no pickles
     assert (tmp_path / "a" / "model_index.json").is_file()
@@ -198,7 +199,9 @@ def test_committed_zoo_model(model_dir):
         assert m["asr"] >= 0.9, f"{model_dir.name}: recorded ASR {m['asr']}"
         assert m["benign_target_rate"] <= 0.05
         assert m["n"] >= 32
-        assert gt["trigger_r"].shape == gt["trigger_gamma"].shape == gt["target"].shape == (3, 16, 16)
+        assert gt["trigger_r"].shape == gt["trigger_gamma"].shape == gt["target_image"].shape == (3, 16, 16)
+        assert torch.equal(gt["trigger_r"], zoo.make_trigger(gt["trigger"])[0])
+        assert torch.equal(gt["target_image"], zoo.make_target(gt["target"]))
     else:
         assert gt["label"] == "benign"
         assert m["benign_target_rate_any_zoo_target"] <= 0.05
