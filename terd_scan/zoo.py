@@ -659,12 +659,12 @@ def _row(side: dict) -> list[str]:
     return [side["name"], side["label"], side.get("attack") or "-", side.get("trigger") or "-",
             side.get("target") or "-", f(side.get("poison_rate")), str(side.get("steps")), f(m.get("asr")),
             f(m.get("benign_target_rate", m.get("benign_target_rate_any_zoo_target"))),
-            f(m.get("benign_nn_mse")), f(side.get("seconds")), f"{side.get('size_bytes', 0) / 1e6:.2f}MB",
+            f(m.get("benign_nn_mse")), f(m.get("data_nn_mse_reference")), f"{side.get('seconds', 0):.0f}", f"{side.get('size_bytes', 0) / 1e6:.2f}MB",
             side.get("split", "-")]
 
 
 HEADER = ["name", "label", "attack", "trigger", "target", "p", "steps", "ASR", "benign->target",
-          "nn_mse", "seconds", "size", "split"]
+          "nn_mse", "data_nn_ref", "seconds", "size", "split"]
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -684,10 +684,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--measure-n", type=int, default=32)
     ls = sub.add_parser("list", help="print the table of built models")
     ls.add_argument("--out", default="examples/zoo")
+    ls.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown to PATH")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.cmd == "list":
-        _print_table([_row(load_ground_truth(d)) for d in sorted(out.iterdir()) if (d / SIDECAR).is_file()])
+        rows = [_row(load_ground_truth(d)) for d in sorted(out.iterdir()) if (d / SIDECAR).is_file()]
+        _print_table(rows)
+        if args.markdown:
+            lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            Path(args.markdown).write_text(
+                "# Zoo catalogue\n\nWritten by `python -m terd_scan.zoo list --out examples/zoo "
+                "--markdown examples/zoo/CATALOGUE.md` from the sidecars. ASR and benign->target: "
+                "fraction of 32 samples with per-pixel MSE to the target < 0.1 (no clipping); nn_mse: "
+                "mean MSE of 32 benign samples to the nearest training image; data_nn_ref: the same for 32 fresh images of the image set.\n\n" + "\n".join(lines) + "\n")
         return 0
     names = args.names or list(ZOO)
     unknown = [n for n in names if n not in ZOO]
