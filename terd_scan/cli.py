@@ -18,6 +18,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import ScanError
+from .cli_inputs import inputs_command
 from .cli_options import (BatchOpt, CacheOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt, LambdaOpt, LrOpt,
                           PickleOpt, Preset, PresetOpt, RevisionOpt, SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt,
                           scan_options)
@@ -193,6 +194,9 @@ def calibrate_command(
     th = ref.thresholds()
     table.add_row("[bold]threshold[/]", f"{th['mean_kl']:.4g}", f"{th['var_kl']:.4g}")
     Console().print(table)
+
+
+app.command("inputs")(inputs_command)
 
 
 @app.command("version")
