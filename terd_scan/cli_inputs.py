@@ -19,7 +19,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cli_options import (BatchOpt, CacheOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt, LambdaOpt, LrOpt,
+                          PickleOpt, Preset, PresetOpt, RevisionOpt, SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt,
+                          scan_options)
 from .errors import ScanError
+from .presets import DEFAULT_PRESET
 
 EXIT_CLEAN, EXIT_POISONED, EXIT_ERROR = 0, 1, 2
 # Show a progress bar (stderr, TTY, rich format only) from this many files on.
@@ -31,12 +35,16 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-def trigger_from_model(model: str):
-    """Reverse (or reuse a cached reversal of) MODEL and return (Trigger, path of its trigger.safetensors).
+def trigger_from_model(model: str, options, show_progress: bool):
+    """Reverse MODEL as 'terd-scan model' does, or reuse the cached reversal for the same model file
+    hashes and settings; return (Trigger, path of its cached trigger.safetensors)."""
+    from .cli import progress_bars, quiet_libraries
+    from .scan import reverse_cached
 
-    Placeholder until the lead wires the `terd-scan model` library call in here."""
-    raise ScanError(f"--model is not available yet (cannot reverse {model!r} from 'inputs'); run "
-                    "'terd-scan model SOURCE --out DIR' and pass --trigger DIR/trigger.safetensors")
+    quiet_libraries()
+    with progress_bars(show_progress) as progress:
+        trigger, path, _cached = reverse_cached(model, options, progress=progress)
+    return trigger, path
 
 
 def _one_line(text: str) -> str:
@@ -81,7 +89,9 @@ def inputs_command(
         help="trigger.safetensors written by 'terd-scan model' (or the --out folder holding it).")] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", metavar="SOURCE", show_default=False,
-        help="Reverse this model first (as 'terd-scan model') and use its trigger. Not available yet.")] = None,
+        help="Reverse this model first (as 'terd-scan model', same options below) and use its trigger; the "
+             "result is cached per model file hashes and settings ($TERD_SCAN_CACHE, default ~/.cache/terd-scan).")
+    ] = None,
     threshold: Annotated[float, typer.Option(
         "--threshold", help="Flag a noise when log N(x; r, gamma^2) - log N(x; 0, I) > threshold.")] = 0.0,
     recursive: Annotated[bool, typer.Option(
@@ -98,6 +108,11 @@ def inputs_command(
     threads: Annotated[int, typer.Option(
         "--threads", min=0, help="torch threads for scoring; 0 = torch's default. Scoring is memory-bound: on a "
                                  "busy 2-core machine two threads measured 3-100x slower than one.")] = 1,
+    preset: PresetOpt = Preset(DEFAULT_PRESET), device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
+    stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
+    sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
+    grad_clip: ClipOpt = None, revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None,
+    config: ConfigOpt = None, allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Nothing on stdout (--out is still written), no progress bar; the exit code "
                               "carries the verdict.")] = False,
@@ -114,7 +129,10 @@ def inputs_command(
     try:
         if threads > 0:
             torch.set_num_threads(threads)
-        code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet)
+        options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps,
+                               lr, gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
+                               preview_steps=0) if model is not None else None
+        code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet, options)
     except typer.Exit:
         raise
     except ScanError as exc:
@@ -135,7 +153,7 @@ def inputs_command(
 
 def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], threshold: float,
          recursive: bool, skip_errors: bool, output_format: OutputFormat, out: Optional[Path],
-         quiet: bool) -> int:
+         quiet: bool, options=None) -> int:
     from . import TOOL_NAME, __version__
     from .input_detection import render_rich, scan_noise_path
     from .trigger import Trigger
@@ -152,7 +170,8 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
             trigger_path = trigger_path / "trigger.safetensors"  # the --out folder of 'terd-scan model'
         trig = Trigger.load(trigger_path)
     else:
-        trig, trigger_path = trigger_from_model(model)
+        trig, trigger_path = trigger_from_model(model, options, show_progress=not (
+            output_format == OutputFormat.json or quiet) and sys.stderr.isatty())
 
     as_json = output_format == OutputFormat.json
     show_progress = not (as_json or quiet) and sys.stderr.isatty()
