@@ -163,12 +163,12 @@ def scan_model(source: str, options: ScanOptions | None = None,
                progress: Callable[[str, int, int], None] | None = None) -> ScanResult:
     options = options or ScanOptions()
     started = time.perf_counter()
-    if options.reference:  # a bad --reference fails before the expensive part
-        load_reference(options)
-    rev = reverse_model(source, options, progress)
-    loaded, denoiser, result, features, settings_dict = rev.loaded, rev.denoiser, rev.result, rev.features, rev.settings
+    scan_settings(options)  # a bad preset or device fails first
+    loaded = load_source(source, options)
+    reference = load_reference(options)  # a missing or bad reference fails before the expensive part
+    rev = reverse_model(source, options, progress, loaded=loaded)
+    denoiser, result, features, settings_dict = rev.denoiser, rev.result, rev.features, rev.settings
     device = denoiser.device
-    reference = load_reference(options)
     verdict = judge(features, reference)
     reversion_seconds = time.perf_counter() - started
 

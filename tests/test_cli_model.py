@@ -139,3 +139,9 @@ def test_unsupported_scheduler_is_an_error_never_clean(tmp_path, refs):
                                                 "sigma_min": 0.01, "sigma_max": 1348.0, "snr": 0.15})
     res = run("model", d, "--reference", refs["lenient"], "--out", tmp_path / "o", *CHEAP)
     one_line_error(res, "not supported")
+
+
+def test_paper_preset_without_a_reference_says_how_to_make_one(model_dirs, tmp_path):
+    res = run("model", model_dirs["pipeline"], "--preset", "paper", "--out", tmp_path / "o", *CHEAP)
+    one_line_error(res, "no benign reference is shipped for preset 'paper'")
+    assert "terd-scan calibrate" in res.stderr and not (tmp_path / "o").exists()
