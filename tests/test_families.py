@@ -383,6 +383,9 @@ def test_v_prediction_pipeline_loads_and_converts(tmp_path):
     abar = den.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = _out(unet, x, t)
     assert torch.allclose(den.eps(x, t), abar.sqrt() * v + (1 - abar).sqrt() * x, atol=1e-6)
+    res = _cli("model", d, *CLI_CHEAP, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["model"]["prediction_type"] == "v_prediction"
 
 
 # ------------------------------------------------------------------ end to end through the CLI
