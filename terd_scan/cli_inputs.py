@@ -106,7 +106,8 @@ def inputs_command(
         "--out", "-o", metavar="FILE", show_default=False,
         help="Also write the JSON report to FILE (atomically).")] = None,
     threads: Annotated[int, typer.Option(
-        "--threads", min=0, help="torch threads for scoring; 0 = torch's default. Scoring is memory-bound: on a "
+        "--threads", min=0, help="torch threads for scoring (not for a --model reversion); 0 = torch's default. "
+                                 "Scoring is memory-bound: on a "
                                  "busy 2-core machine two threads measured 3-100x slower than one.")] = 1,
     preset: PresetOpt = Preset(DEFAULT_PRESET), device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
@@ -127,12 +128,11 @@ def inputs_command(
 
     saved_threads = torch.get_num_threads()
     try:
-        if threads > 0:
-            torch.set_num_threads(threads)
         options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps,
                                lr, gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                                preview_steps=0) if model is not None else None
-        code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet, options)
+        code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet, options,
+                    threads)
     except typer.Exit:
         raise
     except ScanError as exc:
@@ -153,7 +153,7 @@ def inputs_command(
 
 def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], threshold: float,
          recursive: bool, skip_errors: bool, output_format: OutputFormat, out: Optional[Path],
-         quiet: bool, options=None) -> int:
+         quiet: bool, options=None, threads: int = 1) -> int:
     from . import TOOL_NAME, __version__
     from .input_detection import render_rich, scan_noise_path
     from .trigger import Trigger
@@ -173,6 +173,11 @@ def _run(noise_path: Path, trigger_path: Optional[Path], model: Optional[str], t
         trig, trigger_path = trigger_from_model(model, options, show_progress=not (
             output_format == OutputFormat.json or quiet) and sys.stderr.isatty())
 
+    # --threads applies to the scoring only (memory-bound), not to a --model reversion (compute-bound).
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     as_json = output_format == OutputFormat.json
     show_progress = not (as_json or quiet) and sys.stderr.isatty()
     exclude = [p for p in (out, trigger_path) if p is not None]

@@ -500,3 +500,22 @@ def test_warnings_in_reports(app, tmp_path):
     assert r.stderr.count("warning: ") == 2
     r = run(app, d, "-t", tpath)
     assert "warning: the model this trigger was reversed from was judged" in " ".join(r.stdout.split())
+
+
+def test_cli_model_reversion_keeps_torch_threads(app, setup, monkeypatch):
+    """--threads is for the memory-bound scoring; a --model reversion keeps torch's thread count."""
+    import terd_scan.cli_inputs as cli_inputs
+
+    tmp, tpath, ben, mixed = setup
+    seen = {}
+
+    def fake_reversion(model, options, show_progress):
+        seen["threads"] = torch.get_num_threads()
+        return Trigger.load(tpath), tpath
+
+    monkeypatch.setattr(cli_inputs, "trigger_from_model", fake_reversion)
+    torch.set_num_threads(2)
+    r = run(app, mixed, "--model", "some/model", "-f", "json")
+    assert r.exit_code == 1, r.output
+    assert seen["threads"] == 2 and torch.get_num_threads() == 2
+    assert json.loads(r.stdout)["trigger"]["path"] == str(tpath)
