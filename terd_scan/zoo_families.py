@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
-                  ZOO_FORMAT, _dir_size, _per_sample_mse, load_ground_truth, make_target, make_trigger, nn_mse)
+                  ZOO_FORMAT, _dir_size, _per_sample_mse, make_target, make_trigger, nn_mse)
 from .zoo_data import make_images
 
 __all__ = ["VESpec", "VE_ZOO", "SIGMA_MIN", "SIGMA_MAX", "VE_STEPS", "ve_sigmas", "ve_trigger_coef",
