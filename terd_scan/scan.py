@@ -147,9 +147,13 @@ def reverse_cached(source: str, options: ScanOptions,
         except ScanError:
             pass  # a damaged cache entry is recomputed, not trusted
     rev = reverse_model(source, options, progress, loaded=loaded)
+    try:  # judge it too, so the inputs report can warn when the model looks clean
+        verdict = judge(rev.features, load_reference(options)).verdict
+    except ScanError:
+        verdict = "unjudged: no reference for these settings"
     trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
         "model": loaded.name, "source": source, "weights_fingerprint": fingerprint, "settings": settings_dict,
-        "features": rev.features.to_dict(), "tool_version": __version__})
+        "features": rev.features.to_dict(), "verdict": verdict, "tool_version": __version__})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         trigger.save(path)
