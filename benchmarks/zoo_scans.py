@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from terd_scan.presets import settings_for
 from terd_scan.scan import ScanOptions, reverse_model, weights_fingerprint
 from terd_scan.zoo import load_ground_truth
 
@@ -32,7 +33,8 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     """Features, cost and trigger-recovery error of one zoo model under one preset."""
     options = ScanOptions(preset=preset, seed=seed, device="cpu", overrides=dict(overrides or {}), preview_steps=0)
     gt = load_ground_truth(model_dir)
-    key_src = json.dumps({"model": model_dir.name, "preset": preset, "seed": seed, "overrides": options.overrides,
+    settings = settings_for(preset, **options.overrides).to_dict()  # the values, so a changed preset misses the cache
+    key_src = json.dumps({"model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
                           "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                             for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

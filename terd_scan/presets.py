@@ -15,6 +15,9 @@ class ReversionSettings:
     sampler_steps: int = 10  # DDIM steps of the differentiable sampler in stage 2
     lr: float = 0.5  # SGD, no momentum, cosine schedule, both stages
     gamma_lr: float = 0.05  # gamma is learned beside r (the paper learns it only for TrojDiff)
+    # gamma is learned in stage 1 only, at the last timesteps where it is the starting noise's spread;
+    # in stage 2 the early-timestep term drove it to the floor or to 6x on small benign models.
+    stage2_gamma_lr_scale: float = 0.0
     l1_weight: float = 5e-5  # lambda in  L - lambda * ||r||_1
     stage2_grad_clip: float = 0.01  # gradient-norm clip on r in stage 2
     gamma_floor: float = 0.05

@@ -20,7 +20,8 @@ from .errors import ScanError
 FORMAT_TAG = "terd-scan-reference"
 # Settings that change the features' scale; the others (e.g. seed) do not invalidate a reference.
 SETTINGS_THAT_MATTER = ("stage1_iterations", "stage2_iterations", "batch_size", "sampler_steps", "lr", "gamma_lr",
-                        "l1_weight", "stage2_grad_clip", "gamma_floor", "timestep_window")
+                        "l1_weight", "stage2_grad_clip", "gamma_floor", "timestep_window",
+                        "stage2_gamma_lr_scale")
 
 
 @dataclass

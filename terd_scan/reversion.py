@@ -67,8 +67,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     trace: dict[str, list[float]] = {"stage": [], "loss": [], "r_l1_mean": [], "gamma_mean": []}
     seconds: dict[str, float] = {}
 
-    def optimiser(iterations: int):
-        opt = torch.optim.SGD([{"params": [r], "lr": s.lr}, {"params": [gamma], "lr": s.gamma_lr}], momentum=0.0)
+    def optimiser(iterations: int, gamma_lr: float):
+        opt = torch.optim.SGD([{"params": [r], "lr": s.lr}, {"params": [gamma], "lr": gamma_lr}], momentum=0.0)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iterations, 1))
 
     def record(stage: int, loss: torch.Tensor) -> None:
@@ -89,7 +89,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
 
     # Stage 1, estimation: surrogate x0 ~ N(0, I) is enough near t = T, where abar ~ 0.
     t0 = time.perf_counter()
-    opt, sched = optimiser(s.stage1_iterations)
+    opt, sched = optimiser(s.stage1_iterations, s.gamma_lr)
     for i in range(s.stage1_iterations):
         x0 = torch.randn((s.batch_size, *shape), generator=gen, device=device)
         t = _timesteps(*late, s.batch_size, gen, device)
@@ -103,7 +103,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     # Stage 2, refinement: x0 := what the model generates from the current trigger, through a
     # differentiable DDIM sampler, so the gradient also flows through generation into r.
     t0 = time.perf_counter()
-    opt, sched = optimiser(s.stage2_iterations)
+    opt, sched = optimiser(s.stage2_iterations, s.gamma_lr * s.stage2_gamma_lr_scale)
     for i in range(s.stage2_iterations):
         e = torch.randn((s.batch_size, *shape), generator=gen, device=device)
         x0 = denoiser.ddim_sample(gamma * e + r, s.sampler_steps)
