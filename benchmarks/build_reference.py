@@ -2,6 +2,9 @@
 calibration-split benign models. Holdout models are never used here.
 
     python benchmarks/build_reference.py --preset standard --preset fast
+
+Each benign model is reversed with several seeds (--seeds, default 0,1), so the thresholds
+cover the scan's own seed-to-seed spread as well as the spread between benign models.
 """
 
 from __future__ import annotations
@@ -22,25 +25,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", required=True)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--seeds", default="0,1", help="comma-separated seeds per benign model")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     benign = [m for m in zoo_models() if _split(m) == ("benign", "calibration")]
     for preset in args.preset:
-        rows = [reverse_zoo_model(m, preset, use_cache=not args.no_cache) for m in benign]
+        seeds = [int(x) for x in args.seeds.split(",")]
+        rows = [reverse_zoo_model(m, preset, seed=seed, use_cache=not args.no_cache) for m in benign for seed in seeds]
         settings = {k: v for k, v in rows[0]["settings"].items() if k not in ("seed", "device")}
         ref = Reference(
             name=f"zoo-16px-{preset}", settings=settings, origin=f"shipped:{preset}",
-            models=[{"name": r["model"], "weights_fingerprint": r["weights_fingerprint"], "mean_kl": r["mean_kl"],
-                     "var_kl": r["var_kl"]} for r in rows],
-            created_by=f"python benchmarks/build_reference.py --preset {preset}",
+            models=[{"name": r["model"], "seed": r["seed"], "weights_fingerprint": r["weights_fingerprint"],
+                     "mean_kl": r["mean_kl"], "var_kl": r["var_kl"]} for r in rows],
+            created_by=f"python benchmarks/build_reference.py --preset {preset} --seeds {args.seeds}",
             notes=["benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
                    "procedural images; calibrate your own model family with 'terd-scan calibrate'"])
         out = ROOT / "terd_scan" / "references" / f"{preset}.json"
         out.parent.mkdir(exist_ok=True)
         ref.save(out)
         th = ref.thresholds()
-        print(f"{preset}: {len(rows)} benign models -> mean_kl <= {th['mean_kl']:.4g}, var_kl <= {th['var_kl']:.4g}"
+        print(f"{preset}: {len(benign)} benign models x {len(seeds)} seeds -> mean_kl <= {th['mean_kl']:.4g}, var_kl <= {th['var_kl']:.4g}"
               f"  ({out.relative_to(ROOT)})")
 
 

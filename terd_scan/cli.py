@@ -166,6 +166,7 @@ def calibrate_command(
     = None,
     k_sigma: Annotated[float, typer.Option(min=0.1, help="Thresholds at mu + k sigma of the benign features.")]
     = 3.0,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds: each model is reversed once per seed.")] = "0,1",
     preset: PresetOpt = Preset(DEFAULT_PRESET), device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
@@ -182,17 +183,22 @@ def calibrate_command(
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            preview_steps=0)
     command = "terd-scan calibrate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ScanError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     with progress_bars(err_console.is_terminal) as progress:
-        ref = calibrate(sources, options, name=name or out.stem, created_by=command, progress=progress)
+        ref = calibrate(sources, options, name=name or out.stem, created_by=command, seeds=seed_list,
+                        progress=progress)
     ref.k_sigma = k_sigma
     ref.save(out)
     table = Table(title=f"benign reference {ref.name} -> {out}", title_justify="left")
-    for col in ("model", "mean_kl", "var_kl"):
+    for col in ("model", "seed", "mean_kl", "var_kl"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in ref.models:
-        table.add_row(m["name"], f"{m['mean_kl']:.4g}", f"{m['var_kl']:.4g}")
+        table.add_row(m["name"], str(m["seed"]), f"{m['mean_kl']:.4g}", f"{m['var_kl']:.4g}")
     th = ref.thresholds()
-    table.add_row("[bold]threshold[/]", f"{th['mean_kl']:.4g}", f"{th['var_kl']:.4g}")
+    table.add_row("[bold]threshold[/]", "", f"{th['mean_kl']:.4g}", f"{th['var_kl']:.4g}")
     Console().print(table)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -227,18 +227,24 @@ def scan_model(source: str, options: ScanOptions | None = None,
     return ScanResult(report=report, trigger=trigger, previews=previews, trace=result.trace)
 
 
-def calibrate(sources: list[str], options: ScanOptions, name: str, created_by: str = "",
+def calibrate(sources: list[str], options: ScanOptions, name: str, created_by: str = "", seeds=(0, 1),
               progress: Callable[[str, int, int], None] | None = None) -> Reference:
-    """Reverse known-benign models with the scan's settings and keep their feature statistics."""
+    """Reverse known-benign models with the scan's settings and keep their feature statistics.
+    Each model is reversed with every seed, so the thresholds also cover the scan's own
+    seed-to-seed spread."""
     if len(sources) < 2:
         raise ScanError("calibration needs at least 2 known-benign models (more give steadier thresholds)")
+    if not seeds:
+        raise ScanError("calibration needs at least one seed")
     models, settings = [], None
     for i, source in enumerate(sources):
-        rev = reverse_model(source, options, progress)
-        settings = {k: v for k, v in rev.settings.items() if k not in ("seed", "device")}
-        prov = rev.loaded.provenance.to_dict()
-        models.append({"name": rev.loaded.name, "source": source, "weights_fingerprint": weights_fingerprint(prov),
-                       **rev.features.to_dict()})
+        loaded = load_source(source, options)
+        prov = loaded.provenance.to_dict()
+        for seed in seeds:
+            rev = reverse_model(source, replace(options, seed=seed), progress, loaded=loaded)
+            settings = {k: v for k, v in rev.settings.items() if k not in ("seed", "device")}
+            models.append({"name": loaded.name, "source": source, "seed": seed,
+                           "weights_fingerprint": weights_fingerprint(prov), **rev.features.to_dict()})
         if progress:
             progress("calibration: models", i + 1, len(sources))
     return Reference(name=name, settings=settings, models=models, created_by=created_by, origin=name)

@@ -145,3 +145,28 @@ def test_paper_preset_without_a_reference_says_how_to_make_one(model_dirs, tmp_p
     res = run("model", model_dirs["pipeline"], "--preset", "paper", "--out", tmp_path / "o", *CHEAP)
     one_line_error(res, "no benign reference is shipped for preset 'paper'")
     assert "terd-scan calibrate" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_calibrate_writes_a_reference_that_model_uses(model_dirs, tmp_path):
+    ref = tmp_path / "ref.json"
+    res = run("calibrate", model_dirs["pipeline"], model_dirs["flat"], "--out", ref, "--seeds", "0,1", *CHEAP[:-4],
+              "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    data = json.loads(ref.read_text())
+    assert data["format"] == "terd-scan-reference" and len(data["models"]) == 4
+    assert {m["seed"] for m in data["models"]} == {0, 1}
+    assert data["settings"]["stage1_iterations"] == 3 and "seed" not in data["settings"]
+    scan = run("model", model_dirs["bare"], "-f", "json", "--reference", ref, "--out", tmp_path / "o", *CHEAP)
+    assert scan.exit_code in (0, 1), scan.output
+    report = json.loads(scan.stdout)
+    assert report["thresholds"]["origin"] == str(ref) and report["warnings"] == []
+    assert report["reference"]["models"] == 4
+    # scanning with other settings than the reference's is reported
+    other = run("model", model_dirs["bare"], "-f", "json", "--reference", ref, "--out", tmp_path / "p", *CHEAP,
+                "--stage1-iterations", "4")
+    assert any("calibrated with other settings" in w for w in json.loads(other.stdout)["warnings"])
+
+
+def test_calibrate_needs_two_models(model_dirs, tmp_path):
+    one_line_error(run("calibrate", model_dirs["pipeline"], "--out", tmp_path / "r.json", *CHEAP[:-4]), "at least 2")
+    assert not (tmp_path / "r.json").exists()

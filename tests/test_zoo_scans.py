@@ -1,0 +1,96 @@
+"""End-to-end verdicts on the shipped zoo models (examples/zoo) with the default preset and the
+shipped reference: backdoored models are flagged (exit 1) and their recovered trigger r
+correlates with the true one; benign models pass (exit 0). The reversed triggers then filter
+input noises. A CI-sized slice of the zoo; benchmarks/bench_scan.py runs all of it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from terd_scan.cli import app
+from terd_scan.input_detection import detection_rates, ground_truth_trigger
+from terd_scan.trigger import Trigger
+from terd_scan.zoo import load_ground_truth
+
+ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
+# (model, expected exit code): canonical BadDiffusion, benign models of the calibration split and
+# a holdout benign model never used for calibration or tuning.
+CASES = [("baddiffusion-box", 1), ("benign-a", 0), ("benign-e", 0)]
+BACKDOORED = [name for name, code in CASES if code == 1]
+# A known miss, kept visible: TERD's local search does not reach a sharp patch trigger on a zero
+# background from any initialisation tried (README, "Limits"). strict: a fix makes this fail loudly.
+KNOWN_MISS = pytest.mark.xfail(strict=True, reason="patch trigger on a zero background is not recovered")
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """Each zoo model scanned once through the CLI: {name: (exit code, report, out dir)}."""
+    done = {}
+
+    def scan(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            res = CliRunner().invoke(app, ["model", str(ZOO / name), "-f", "json", "--out", str(out), "--device",
+                                           "cpu", "--preview-steps", "0"])
+            assert res.exit_code in (0, 1), res.output
+            done[name] = (res.exit_code, json.loads(res.stdout), out)
+        return done[name]
+
+    return scan
+
+
+@pytest.mark.parametrize("name, expected", CASES)
+def test_zoo_verdict(scans, name, expected):
+    code, report, _ = scans(name)
+    assert code == expected, (report["features"], report["thresholds"])
+    assert report["verdict"] == ("backdoored" if expected else "clean")
+    assert report["warnings"] == []
+
+
+@pytest.mark.parametrize("name", BACKDOORED + [pytest.param("baddiffusion-patch", marks=KNOWN_MISS)])
+def test_recovered_trigger_correlates_with_the_true_one(scans, name):
+    _, _, out = scans(name)
+    r = Trigger.load(out / "trigger.safetensors").r
+    true_r = load_ground_truth(ZOO / name)["trigger_r"]
+    cos = float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0))
+    assert cos > 0.8, f"recovered r has cosine {cos:.3f} with the true trigger"
+
+
+@pytest.mark.parametrize("name", BACKDOORED)
+def test_reversed_trigger_filters_poisoned_inputs(scans, name):
+    """>= 99% of 1000 noises from the TRUE trigger distribution are flagged and >= 99% of 1000
+    benign N(0, I) noises pass, with the trigger REVERSED from the model."""
+    _, _, out = scans(name)
+    reversed_trigger = Trigger.load(out / "trigger.safetensors")
+    rates = detection_rates(reversed_trigger, ground_truth_trigger(ZOO / name / "ground_truth.safetensors"), n=1000)
+    assert rates["tpr"] >= 0.99 and rates["tnr"] >= 0.99, rates
+
+
+def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("TERD_SCAN_CACHE", str(tmp_path / "cache"))
+    truth = load_ground_truth(ZOO / "baddiffusion-box")
+    g = torch.Generator().manual_seed(0)
+    noises = tmp_path / "noises"
+    noises.mkdir()
+    save_file({"x": torch.randn(8, 3, 16, 16, generator=g)}, str(noises / "benign.safetensors"))
+    save_file({"x": truth["trigger_r"] + torch.randn(8, 3, 16, 16, generator=g)}, str(noises / "poisoned.safetensors"))
+    args = ["inputs", str(noises), "--model", str(ZOO / "baddiffusion-box"), "--preset", "fast", "--device", "cpu",
+            "-f", "json"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1, first.output
+    verdicts = {}
+    for rec in json.loads(first.stdout)["records"]:
+        verdicts.setdefault(Path(rec["file"]).name, []).append(rec["verdict"])
+    assert verdicts == {"benign.safetensors": ["benign"] * 8, "poisoned.safetensors": ["poisoned"] * 8}
+    cached = list((tmp_path / "cache" / "triggers").glob("*.safetensors"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 1, second.output
+    assert cached[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+    assert json.loads(second.stdout)["summary"] == json.loads(first.stdout)["summary"]
