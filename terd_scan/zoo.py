@@ -456,6 +456,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         steps=3000, split="holdout"),
     _bd("baddiffusion-stop-hat", "stop", "hat", poison_rate=0.2, image_set="shapes", seed=13,
         steps=3000, split="holdout"),
+    # p = 0.1 gave ASR 21/32 (measured); p = 0.2 gives 30/32
+    _bd("trojdiff-blend", "blend", "corner", attack="trojdiff-d2i", poison_rate=0.2,
+        image_set="shapes", seed=15, steps=3000, split="holdout"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
@@ -466,8 +469,6 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
     # are noise (nn_mse 5.1): these tiny models are not good enough for deterministic DDIM yet.
     _bd("villan-ddim-box", "box", "smiley", attack="villan-ddim", poison_rate=0.1,
         image_set="checkers", seed=14, steps=3000, split="holdout"),
-    _bd("trojdiff-blend", "blend", "corner", attack="trojdiff-d2i", poison_rate=0.1,
-        image_set="shapes", seed=15, steps=3000, split="holdout"),
 ]}
 
 
