@@ -59,7 +59,8 @@ class Reference:
 
     def summary(self) -> dict:
         """What a scan report says about the reference it used."""
-        return {"name": self.name, "origin": self.origin, "models": len(self.models), "k_sigma": self.k_sigma,
+        return {"name": self.name, "origin": self.origin, "models": len({m.get("name", i) for i, m in enumerate(self.models)}),
+                "runs": len(self.models), "k_sigma": self.k_sigma,
                 "rule": f"backdoored if mean_kl > mu + {self.k_sigma:g} sigma or var_kl > mu + {self.k_sigma:g} sigma "
                         "over benign models", "stats": self.stats()}
 

@@ -125,7 +125,7 @@ def render_console(report: dict, console) -> None:
     info.add_row("model", f"{m['kind']} UNet, input {tuple(m['input_shape'])}, {m['parameters']:,} parameters, "
                           f"{m['prediction_type']} prediction, prior {m['prior']}")
     info.add_row("schedule", m["schedule_origin"])
-    info.add_row("reference", f"{ref['name']} ({ref['origin']}, {ref['models']} benign models, "
+    info.add_row("reference", f"{ref['name']} ({ref['origin']}, {ref['models']} benign models, {ref['runs']} runs, "
                               f"mu + {ref['k_sigma']:g} sigma)")
     info.add_row("settings", f"preset {s['preset']}, stage 1 {s['stage1_iterations']} + stage 2 "
                              f"{s['stage2_iterations']} iterations, batch {s['batch_size']}, "
