@@ -15,15 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UnsupportedModelError
+from .safety import SUPPORTED_SCHEDULERS, VE_SCHEDULERS
 
-# Schedulers whose config describes a DDPM-style beta schedule (alphas_cumprod from betas).
-BETA_SCHEDULERS = {
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
-    "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-    "DPMSolverSDEScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
-}
-VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+# The scheduler classes terd-scan knows are defined once, in the serialization gate: beta
+# schedules (alphas_cumprod from betas) and score-SDE VE schedules.
+BETA_SCHEDULERS = SUPPORTED_SCHEDULERS
 NOT_YET = {
     "KarrasVeScheduler": "Karras VE models",
     "CMStochasticIterativeScheduler": "consistency models",
