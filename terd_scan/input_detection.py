@@ -21,7 +21,6 @@ a shape that does not match the trigger raises NoiseShapeError. Both are ScanErr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 
 from .errors import ScanError
 from .noise_files import NoiseFileError, list_noise_files, read_noise_file
+from .safety import sha256_file
 from .trigger import Trigger
 
 __all__ = [
@@ -265,14 +265,6 @@ class InputsResult:
         return json.dumps(self.to_dict(**kw), allow_nan=False)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # Warn when the trigger itself implies more false positives or misses than this (closed form).
 FPR_WARNING = 1e-3
 
@@ -302,7 +294,7 @@ def trigger_summary(trigger: Trigger, path: str | os.PathLike | None = None, thr
     meta = {k: (v[:200] if isinstance(v, str) else v) for k, v in sorted(meta.items())}
     r, g = trigger.r.double(), trigger.gamma.double()
     return {"path": str(path) if path is not None else None,
-            "sha256": _sha256(Path(path)) if path is not None and Path(path).is_file() else None,
+            "sha256": sha256_file(str(path)) if path is not None and Path(path).is_file() else None,
             "shape": list(trigger.shape),
             "metadata": meta,
             "r_l2": float(r.norm()), "gamma_mean": float(g.mean()),
