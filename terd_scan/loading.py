@@ -302,13 +302,7 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
     sd = safety.check_state_dict(sd, expected, rel_w)
     unet = _assign(meta_unet, sd, rel_w)
 
-    prov = Provenance(source=source, kind=src.kind, root=src.root, repo_id=src.repo_id,
-                      requested_revision=src.requested_revision, resolved_commit=src.resolved_commit,
-                      files=reader.files, pickle_loaded=pickle_loaded, notes=notes)
-    unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
-                   if k != "_use_default_values"}
-    return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
-                       schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov)
+    return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded, notes)
 
 
 def _scheduler_config(reader: _Reader, sched: str | None, unet_cfg: dict, cfg_where: str, notes: list[str],
@@ -421,13 +415,19 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
     del rf
     notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
     unet = _assign(meta_unet, sd, rel_w)
+    return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, None, True, notes)
+
+
+def _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded,
+                  notes) -> LoadedModel:
+    """The LoadedModel and its provenance, the same for every layout."""
     prov = Provenance(source=source, kind=src.kind, root=src.root, repo_id=src.repo_id,
                       requested_revision=src.requested_revision, resolved_commit=src.resolved_commit,
-                      files=reader.files, pickle_loaded=True, notes=notes)
+                      files=reader.files, pickle_loaded=pickle_loaded, notes=notes)
     unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
                    if k != "_use_default_values"}
     return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
-                       schedule_origin=schedule_origin, pipeline_class=None, provenance=prov)
+                       schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov)
 
 
 def _quiet_diffusers():
