@@ -41,3 +41,15 @@ def model_dirs(tmp_path_factory, tiny_unet):
         "bare_sched": fm.save_bare(base / "bare_sched", tiny_unet, scheduler=fm.make_scheduler("DDIMScheduler")),
         "baddiffusion": fm.save_baddiffusion(base / "baddiffusion", tiny_unet),
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Small memory-bound tensor ops: on a busy 2-core box two intra-op threads stall each other
+    (measured 10-40x slower), so such tests run on one thread, restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,12 +20,7 @@ from terd_scan.loading import load_model
 ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small memory-bound ops
 
 
 # ------------------------------------------------------------------ a DDIM-repo Model, written here from

@@ -23,14 +23,7 @@ from terd_scan.trigger import Trigger
 SHAPE = (3, 16, 16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests do small memory-bound tensor ops: on a busy 2-core box two intra-op threads
-    stall each other (measured 10-40x slower), so run them on one thread and restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small memory-bound ops
 
 
 def _gen(seed=0):

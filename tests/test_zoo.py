@@ -16,12 +16,7 @@ from terd_scan.zoo_data import image_set_names, make_images
 ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small memory-bound ops
 
 
 @pytest.mark.parametrize("name", image_set_names())
