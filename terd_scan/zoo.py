@@ -429,9 +429,16 @@ class ZooSpec:
     ema_decay: float = 0.999
     dc_weight: float = 10.0
     base: str | None = None  # fine-tune: name of the zoo model whose weights start training
+    # adaptive attack: the trigger r is scaled by eta toward the benign distribution (r -> eta r)
+    trigger_scale: float = 1.0
     split: str = "calibration"  # "calibration" | "holdout"
     note: str = ""
     extra: dict = field(default_factory=dict)
+
+    def poison_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, gamma) this model is poisoned with, after the adaptive scaling."""
+        r, gamma = make_trigger(self.trigger)
+        return r * self.trigger_scale, gamma
 
     def sampler(self) -> str:
         return "ddim" if self.attack == "villan-ddim" else "ddpm"
@@ -450,6 +457,11 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     ZooSpec("benign-e", image_set="gradients", seed=5, split="holdout"),
     ZooSpec("benign-f", image_set="checkers", seed=6, steps=1500, lr=1e-3, base="benign-a",
             split="holdout", note="clean fine-tune of benign-a on another image set"),
+    # more independent clean trainings, so the benign reference spans seeds and image sets
+    ZooSpec("benign-g", image_set="shapes", seed=7, split="calibration"),
+    ZooSpec("benign-h", image_set="gradients", seed=8, split="calibration"),
+    ZooSpec("benign-i", image_set="checkers", seed=9, split="calibration"),
+    ZooSpec("benign-j", image_set="gradients", seed=10, split="holdout"),
     _bd("baddiffusion-box", "box", "corner", poison_rate=0.1, image_set="shapes", seed=11,
         steps=3000, split="calibration"),
     _bd("baddiffusion-patch", "patch", "hat", poison_rate=0.2, image_set="gradients", seed=12,
@@ -469,6 +481,11 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
     # are noise (nn_mse 5.1): these tiny models are not good enough for deterministic DDIM yet.
     _bd("villan-ddim-box", "box", "smiley", attack="villan-ddim", poison_rate=0.1,
         image_set="checkers", seed=14, steps=3000, split="holdout"),
+    # adaptive attack (issue 5): the box trigger scaled toward N(0, I)
+    _bd("baddiffusion-box-eta0.5", "box", "corner", poison_rate=0.1, image_set="shapes", seed=16,
+        trigger_scale=0.5, split="holdout"),
+    _bd("baddiffusion-box-eta0.2", "box", "corner", poison_rate=0.1, image_set="shapes", seed=17,
+        trigger_scale=0.2, split="holdout"),
 ]}
 
 
@@ -486,7 +503,7 @@ def _train(spec: ZooSpec, unet, data: torch.Tensor, log=None) -> dict:
     ema = [p.detach().clone() for p in unet.parameters()]
     poisoned = spec.label == "backdoored"
     if poisoned:
-        r, gamma = make_trigger(spec.trigger)
+        r, gamma = spec.poison_trigger()
         y = make_target(spec.target)
         g = float(gamma.flatten()[0])
     k = int(round(spec.poison_rate * spec.batch_size)) if poisoned else 0
@@ -573,7 +590,7 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
         if measure_n <= 0:
             pass
         elif spec.label == "backdoored":
-            r, gamma = make_trigger(spec.trigger)
+            r, gamma = spec.poison_trigger()
             y = make_target(spec.target)
             m = measure_asr(unet, r, gamma, y, n=measure_n, sampler=spec.sampler(), return_samples=True)
             samples = m.pop("samples")
@@ -617,10 +634,11 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
             "torch": torch.__version__,
         }
         if spec.label == "backdoored":
-            r, gamma = make_trigger(spec.trigger)
+            r, gamma = spec.poison_trigger()
             save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
                        "target": make_target(spec.target).contiguous()}, str(tmp / GROUND_TRUTH),
-                      metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target})
+                      metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
+                                "trigger_scale": str(spec.trigger_scale)})
         side["size_bytes"] = _dir_size(tmp) + 2048  # sidecar itself, approx.
         (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
