@@ -22,6 +22,13 @@ class ReversionSettings:
     stage2_grad_clip: float = 0.01  # gradient-norm clip on r in stage 2
     gamma_floor: float = 0.05
     timestep_window: int = 10  # "last 10" / "first 10" training steps
+    # Global proposal for sparse patch triggers (patch_search.py); off in `paper`, which is the
+    # paper's method exactly. Square patches of side patch_size * image side, amplitude
+    # patch_amplitude vs half of it, patch_pairs noise pairs per candidate (common to all).
+    patch_search: bool = False
+    patch_size: float = 0.25
+    patch_amplitude: float = 2.0
+    patch_pairs: int = 8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,8 +41,10 @@ class ReversionSettings:
 
 PRESETS: dict[str, ReversionSettings] = {
     "paper": ReversionSettings(),
-    "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1),
-    "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3),
+    "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1,
+                                  patch_search=True),
+    "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
+                              patch_search=True),
 }
 DEFAULT_PRESET = "standard"
 

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .detection import kl_features, kl_per_dimension
+from .patch_search import search_patch_seed
 from .presets import ReversionSettings
 
 
@@ -21,6 +23,8 @@ class ReversionResult:
     trace: dict[str, list[float]] = field(default_factory=dict)  # per-iteration loss, ||r||, ...
     seconds: dict[str, float] = field(default_factory=dict)
     network_evaluations: int = 0
+    search: dict | None = None  # the patch search's best candidate and the runs it led to
+    start: str = ""  # where the chosen run started
 
 
 # progress(stage_name, iterations_done, iterations_total)
@@ -52,15 +56,64 @@ def _timesteps(lo: int, hi: int, n: int, generator: torch.Generator, device) -> 
 
 def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                     progress: Progress | None = None) -> ReversionResult:
-    """Run stage 1 and stage 2. Deterministic given the seed and the device."""
+    """Run stage 1 and stage 2 from the paper's start r = -U[0,1); with settings.patch_search,
+    also search for a sparse patch trigger (patch_search.py) and, when a candidate has a basin
+    behind it, run both stages again from it. The run whose KL is most concentrated (largest
+    variance over dimensions) is the result: a run with no basin to hold it spreads back toward
+    N(0, I). Benign references are calibrated with the same procedure. Deterministic given the
+    seed and the device."""
     s = settings
     device = denoiser.device
-    shape = denoiser.input_shape
-    gen = torch.Generator(device=device).manual_seed(seed)
     start_evals = denoiser.evaluations
+    gen = torch.Generator(device=device).manual_seed(seed)
+    r0 = -torch.rand(denoiser.input_shape, generator=gen, device=device)  # the paper's initialisation
+    runs = [_two_stage_run(denoiser, s, r0, gen, progress, "")]
+    runs[0].start = "paper: -U[0,1)"
+    search = None
+    search_seconds = 0.0
+    if s.patch_search:
+        t0 = time.perf_counter()
+        if progress:
+            progress("patch search", 0, 1)
+        seed_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+        found = search_patch_seed(denoiser, s.patch_size, s.patch_amplitude, s.patch_pairs, s.timestep_window, seed_gen)
+        search_seconds = time.perf_counter() - t0
+        if progress:
+            progress("patch search", 1, 1)
+        search = {**found.summary(), "seeded_run": found.has_basin}
+        if found.has_basin:  # the loss falls as the patch grows
+            seeded = _two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress, " (patch seed)")
+            seeded.start = f"patch seed at ({found.top}, {found.left})"
+            runs.append(seeded)
+    best = max(runs, key=lambda run: float(kl_per_dimension(run.r, run.gamma).var(unbiased=False)))
+    for run in runs:
+        if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
+            raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
+    seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
+               "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds}
+    if search is not None:
+        search["runs"] = [{"start": run.start, **kl_features(run.r, run.gamma).to_dict(), "chosen": run is best}
+                          for run in runs]
+    return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
+                           network_evaluations=denoiser.evaluations - start_evals, search=search,
+                           start=best.start)
 
-    # r starts at -U[0,1) (the paper's initialisation), gamma at 1.
-    r = (-torch.rand(shape, generator=gen, device=device)).requires_grad_(True)
+
+@dataclass
+class _Run:
+    r: torch.Tensor
+    gamma: torch.Tensor
+    trace: dict
+    seconds: dict
+    start: str = ""
+
+
+def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: torch.Generator,
+                   progress: Progress | None, label: str) -> _Run:
+    """TERD's stage 1 and stage 2 from r_start, gamma = 1."""
+    device = denoiser.device
+    shape = denoiser.input_shape
+    r = r_start.detach().clone().requires_grad_(True)
     gamma = torch.ones(shape, device=device).requires_grad_(True)
     late = denoiser.last_timesteps(s.timestep_window)
     early = (0, s.timestep_window - 1)
@@ -97,7 +150,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         step(opt, sched, loss - s.l1_weight * r.abs().sum(), None)
         record(1, loss)
         if progress:
-            progress("stage 1: estimation", i + 1, s.stage1_iterations)
+            progress("stage 1: estimation" + label, i + 1, s.stage1_iterations)
     seconds["stage1"] = time.perf_counter() - t0
 
     # Stage 2, refinement: x0 := what the model generates from the current trigger, through a
@@ -114,11 +167,6 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         step(opt, sched, loss - s.l1_weight * r.abs().sum(), s.stage2_grad_clip)
         record(2, loss)
         if progress:
-            progress("stage 2: refinement", i + 1, s.stage2_iterations)
+            progress("stage 2: refinement" + label, i + 1, s.stage2_iterations)
     seconds["stage2"] = time.perf_counter() - t0
-
-    r_out, g_out = r.detach().cpu(), gamma.detach().cpu()
-    if not (torch.isfinite(r_out).all() and torch.isfinite(g_out).all()):
-        raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
-    return ReversionResult(r=r_out, gamma=g_out, trace=trace, seconds=seconds,
-                           network_evaluations=denoiser.evaluations - start_evals)
+    return _Run(r=r.detach(), gamma=gamma.detach(), trace=trace, seconds=seconds)

@@ -7,6 +7,7 @@ from analytic_models import SCHEDULE, AnalyticUNet, box_trigger, corner_target
 from terd_scan.denoisers import DDPMDenoiser
 from terd_scan.detection import kl_features
 from terd_scan.presets import settings_for
+from terd_scan.patch_search import BASIN_RATIO, patch_candidates
 from terd_scan.reversion import pair_loss, reverse_trigger
 
 FAST = settings_for("fast")
@@ -40,8 +41,9 @@ def test_recovers_a_box_trigger_and_flags_it_against_a_benign_model():
 def test_deterministic_given_seed_and_frozen_network():
     unet = AnalyticUNet(box_trigger(), corner_target())
     den = DDPMDenoiser(unet, SCHEDULE)
-    a = reverse_trigger(den, settings_for("fast", stage1_iterations=20, stage2_iterations=2), seed=3)
-    b = reverse_trigger(den, settings_for("fast", stage1_iterations=20, stage2_iterations=2), seed=3)
+    settings = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False)
+    a = reverse_trigger(den, settings, seed=3)
+    b = reverse_trigger(den, settings, seed=3)
     assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
     assert all(not p.requires_grad for p in unet.parameters()) and not unet.training
     assert a.network_evaluations == 20 * 2 * 16 + 2 * (16 * 10 + 2 * 2 * 16)
@@ -74,3 +76,40 @@ def test_prediction_types_are_converted_to_epsilon(prediction_type):
     den = DDPMDenoiser(Converted(), {**SCHEDULE, "prediction_type": prediction_type})
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([10, 300, 700, 990])
     assert torch.allclose(den.eps(x, t), eps_den.eps(x, t), atol=1e-3)
+
+
+def patch_trigger(shape=(3, 16, 16)) -> torch.Tensor:
+    r = torch.zeros(shape)
+    r[:, 11:15, 11:15] = 2.0
+    return r
+
+
+def test_patch_candidates_cover_every_position_and_both_signs():
+    patches, where = patch_candidates((3, 16, 12), 0.25)
+    assert patches.shape == (2 * 13 * 10, 3, 16, 12) and len(where) == patches.shape[0]
+    k = where.index((5, 7, 4, 3, -1))
+    assert float(patches[k].sum()) == -3 * 4 * 3 and float(patches[k, :, 5:9, 7:10].mean()) == -1.0
+
+
+def test_patch_search_finds_a_sparse_trigger_the_paper_start_misses():
+    """A 4x4 patch on a zero background, far from r0 = -U[0,1): the search locates it, the seeded
+    run is chosen and recovers it; without the search the reversion does not."""
+    r_true = patch_trigger()
+    den = DDPMDenoiser(AnalyticUNet(r_true, corner_target()), SCHEDULE)
+    with_search = reverse_trigger(den, FAST, seed=0)
+    without = reverse_trigger(den, settings_for("fast", patch_search=False), seed=0)
+    assert with_search.search["top"] == 11 and with_search.search["left"] == 11 and with_search.search["seeded_run"]
+    assert with_search.start.startswith("patch seed") and cos(with_search.r, r_true) > 0.9
+    assert [run["chosen"] for run in with_search.search["runs"]] == [False, True]
+    assert cos(without.r, r_true) < 0.5
+
+
+def test_patch_search_on_a_benign_model_seeds_nothing():
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    before = den.evaluations
+    res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1), seed=0)
+    assert res.search["seeded_run"] is False and res.search["ratio"] >= BASIN_RATIO
+    assert res.start.startswith("paper") and len(res.search["runs"]) == 1
+    searched = res.search["candidates"] * 2 * 2 * FAST.patch_pairs  # 2 amplitudes x a pair per noise
+    assert res.search["network_evaluations"] == searched
+    assert res.network_evaluations == den.evaluations - before == searched + 5 * 2 * 16 + (16 * 10 + 2 * 2 * 16)

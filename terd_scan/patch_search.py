@@ -1,0 +1,101 @@
+"""Patch search: a global proposal step for sparse triggers that TERD's local descent cannot reach.
+
+TERD's descent starts at r = -U[0,1), next to the canonical triggers drawn on a -1 canvas. A
+small patch on a zero background has its own basin of the pair loss behind a barrier: halfway
+between r = 0 and the trigger the network is half-triggered, its output depends on the noise,
+and the loss is higher than at either end (measured on the zoo's baddiffusion-patch: L = 3.9 at
+0, 5.9 at half the trigger, 4.8 at the trigger). Descent from anywhere but the patch itself
+slides back to r = 0.
+
+The search tries every uniform square patch of one size, at every position, with both signs, at
+amplitude a and a/2, with common random numbers (the same x0, t and noise pairs for every
+candidate), and scores each by  ratio = L(patch at a) / L(patch at a/2).  For a benign network the
+loss grows with the patch (off-distribution input; ratio ~2 on the zoo); ratio < 1 means the loss
+falls as the patch grows: there is a basin behind it. The best candidate, when it has one, seeds a
+second full TERD reversion (see reversion.reverse_trigger). Forward passes only, no gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# A candidate seeds a reversion only when the loss falls by at least 2% as the patch doubles: a tie
+# is no basin (a network linear in its input gives ratio 1 exactly, up to rounding).
+BASIN_RATIO = 0.98
+
+
+@dataclass
+class PatchSeed:
+    r: torch.Tensor  # (C, H, W), the candidate at full amplitude: where the seeded reversion starts
+    ratio: float  # L(full amplitude) / L(half amplitude); < 1: a basin lies behind the patch
+
+    @property
+    def has_basin(self) -> bool:
+        return self.ratio < BASIN_RATIO
+    top: int
+    left: int
+    height: int
+    width: int
+    sign: int
+    candidates: int
+    network_evaluations: int
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("r")
+        d["ratio"] = round(self.ratio, 4)
+        return d
+
+
+def patch_candidates(shape: tuple[int, int, int], size_fraction: float) -> tuple[torch.Tensor, list[tuple]]:
+    """Unit-amplitude uniform square patches (K, C, H, W) at every position, both signs, and
+    (top, left, height, width, sign) for each."""
+    c, h, w = shape
+    ph, pw = max(1, round(h * size_fraction)), max(1, round(w * size_fraction))
+    where = [(y, x, ph, pw, sign) for sign in (1, -1) for y in range(h - ph + 1) for x in range(w - pw + 1)]
+    patches = torch.zeros((len(where), c, h, w))
+    for k, (y, x, _, _, sign) in enumerate(where):
+        patches[k, :, y:y + ph, x:x + pw] = sign
+    return patches, where
+
+
+@torch.no_grad()
+def _pair_losses(denoiser, rs: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+                 chunk_samples: int) -> torch.Tensor:
+    """TERD's pair loss (gamma = 1, c = 1) for each r in rs, all with the same x0, t and noises."""
+    pairs = x0.shape[0]
+    tt = t.repeat(2)  # e[:pairs] and e[pairs:] share x0 and t
+    abar = denoiser.alphas_cumprod[tt].view(-1, 1, 1, 1)
+    base = abar.sqrt() * x0.repeat(2, 1, 1, 1) + (1 - abar).sqrt() * e  # (2 pairs, C, H, W)
+    per_call = max(1, chunk_samples // (2 * pairs))
+    out = []
+    for start in range(0, rs.shape[0], per_call):
+        r = rs[start:start + per_call].to(base.device)
+        k = r.shape[0]
+        x = (base[None] + r[:, None]).flatten(0, 1)
+        residual = e[None] - denoiser.eps(x, tt.repeat(k)).view(k, 2 * pairs, *base.shape[1:])
+        diff = residual[:, :pairs] - residual[:, pairs:]
+        out.append(0.5 * diff.pow(2).flatten(2).sum(2).mean(1).cpu())
+    return torch.cat(out)
+
+
+def search_patch_seed(denoiser, size_fraction: float, amplitude: float, pairs: int, window: int,
+                      generator: torch.Generator, chunk_samples: int = 512) -> PatchSeed:
+    """The candidate patch with the smallest loss ratio (see the module docstring)."""
+    start = denoiser.evaluations
+    shape = tuple(denoiser.input_shape)
+    device = denoiser.device
+    patches, where = patch_candidates(shape, size_fraction)
+    lo, hi = denoiser.last_timesteps(window)
+    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
+    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
+    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
+    full = _pair_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
+    half = _pair_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
+    ratio = full / half.clamp_min(1e-12)
+    best = int(torch.argmin(ratio))
+    y, x, ph, pw, sign = where[best]
+    return PatchSeed(r=patches[best] * amplitude, ratio=float(ratio[best]), top=y, left=x, height=ph, width=pw,
+                     sign=sign, candidates=len(where), network_evaluations=denoiser.evaluations - start)
