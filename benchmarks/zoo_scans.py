@@ -13,11 +13,14 @@ import torch
 
 from terd_scan.presets import settings_for
 from terd_scan.scan import ScanOptions, reverse_model, weights_fingerprint
+from terd_scan.input_detection import detection_rates
+from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "examples" / "zoo"
 CACHE = ROOT / "benchmarks" / "cache"
+ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates, trigger_scale)
 
 
 def zoo_models(zoo_dir: Path = ZOO_DIR) -> list[Path]:
@@ -34,7 +37,7 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     options = ScanOptions(preset=preset, seed=seed, device="cpu", overrides=dict(overrides or {}), preview_steps=0)
     gt = load_ground_truth(model_dir)
     settings = settings_for(preset, **options.overrides).to_dict()  # the values, so a changed preset misses the cache
-    key_src = json.dumps({"model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
+    key_src = json.dumps({"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
                           "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                             for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
@@ -48,11 +51,17 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
            "preset": preset, "seed": seed, **rev.features.to_dict(), "seconds": round(seconds, 1),
            "network_evaluations": rev.result.network_evaluations,
            "weights_fingerprint": weights_fingerprint(rev.loaded.provenance.to_dict()),
-           "settings": rev.settings, "gamma_mean": float(rev.result.gamma.mean())}
+           "settings": rev.settings, "gamma_mean": float(rev.result.gamma.mean()),
+           "trigger_scale": gt.get("trigger_scale", 1.0)}
     if "trigger_r" in gt:
         true_r = gt["trigger_r"]
         row["r_cosine"] = cosine(rev.result.r, true_r)
         row["r_l2"] = float((rev.result.r - true_r).norm())
+        # input detection with the REVERSED trigger on noises from the TRUE one (1000 + 1000)
+        reversed_trigger = Trigger(rev.result.r, rev.result.gamma)
+        true_trigger = Trigger(true_r, gt["trigger_gamma"].clamp_min(1e-3))
+        rates = detection_rates(reversed_trigger, true_trigger, n=1000, seed=0)
+        row["input_tpr"], row["input_tnr"] = rates["tpr"], rates["tnr"]
     CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row, indent=2))
     return row

@@ -1,0 +1,135 @@
+"""Detection quality per attack family: TPR, TNR and AUROC with 95% intervals, input-detection
+rates with the reversed trigger, trigger recovery error, and cost, for each preset. Calibration
+and holdout models are reported apart (the holdout rows are the ones that count).
+
+    python benchmarks/quality.py --preset fast --preset standard [--zoo DIR ...] [--no-cache]
+
+Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo models built with
+`python -m terd_scan.zoo build NAME --out DIR`). Reversions are cached in benchmarks/cache/.
+Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k.
+Score for the AUROC: max(M_r / threshold_M, V_r / threshold_V) against the shipped reference of
+the preset, so score > 1 is exactly the "backdoored" verdict.
+Writes benchmarks/results/quality-<presets>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import auroc, auroc_interval, wilson  # noqa: E402
+from zoo_scans import ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
+
+from terd_scan.reference import shipped_reference  # noqa: E402
+
+SPLITS = ("holdout", "calibration", "all")
+
+
+def family(row: dict) -> str:
+    if row["label"] != "backdoored":
+        return "benign"
+    scale = float(row.get("trigger_scale") or 1.0)
+    return row["attack"] + (f"-eta{scale:g}" if scale != 1.0 else "")
+
+
+def score(row: dict, thresholds: dict) -> float:
+    return max(row["mean_kl"] / thresholds["mean_kl"], row["var_kl"] / thresholds["var_kl"])
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (preset, split, family) with rates, intervals and means."""
+    out = []
+    for preset in sorted({r["preset"] for r in rows}):
+        for split in SPLITS:
+            sel = [r for r in rows if r["preset"] == preset and (split == "all" or r["split"] == split)]
+            benign = [r for r in sel if r["family"] == "benign"]
+            benign_scores = [r["score"] for r in benign]
+            for fam in sorted({r["family"] for r in sel}, key=lambda f: (f != "benign", f)):
+                group = [r for r in sel if r["family"] == fam]
+                flagged = sum(r["score"] > 1 for r in group)
+                line = {"preset": preset, "split": split, "family": fam, "n": len(group),
+                        "seconds_mean": sum(r["seconds"] for r in group) / len(group),
+                        "network_evaluations_mean": sum(r["network_evaluations"] for r in group) / len(group)}
+                if fam == "benign":
+                    line["tnr"] = (len(group) - flagged) / len(group)
+                    line["tnr_ci95"] = wilson(len(group) - flagged, len(group))
+                else:
+                    scores = [r["score"] for r in group]
+                    line["tpr"] = flagged / len(group)
+                    line["tpr_ci95"] = wilson(flagged, len(group))
+                    line["auroc"] = auroc(scores, benign_scores)
+                    line["auroc_ci95"] = auroc_interval(scores, benign_scores)
+                    line["n_benign_for_auroc"] = len(benign_scores)
+                    for key in ("r_cosine", "r_l2", "input_tpr", "input_tnr"):
+                        vals = [r[key] for r in group if key in r]
+                        line[key + "_mean"] = sum(vals) / len(vals) if vals else float("nan")
+                out.append(line)
+    return out
+
+
+def _ci(v: tuple[float, float]) -> str:
+    return f"[{v[0]:.2f}, {v[1]:.2f}]"
+
+
+def markdown(summary: list[dict], command: str) -> str:
+    head = ["preset", "split", "family", "n", "TPR [95% CI]", "TNR [95% CI]", "AUROC [95% CI]",
+            "r cos", "r L2", "input TPR/TNR", "s/scan", "net evals"]
+    lines = [f"Command: `{command}`", "",
+             "TPR/TNR: Wilson 95% intervals; AUROC: bootstrap 95% interval against the benign models "
+             "of the same split; score = max(M_r/th_M, V_r/th_V) with the shipped reference.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        bd = s["family"] != "benign"
+        lines.append("| " + " | ".join([
+            s["preset"], s["split"], s["family"], str(s["n"]),
+            f"{s['tpr']:.2f} {_ci(s['tpr_ci95'])}" if bd else "-",
+            "-" if bd else f"{s['tnr']:.2f} {_ci(s['tnr_ci95'])}",
+            f"{s['auroc']:.2f} {_ci(s['auroc_ci95'])}" if bd and s["n_benign_for_auroc"] else "-",
+            f"{s['r_cosine_mean']:.2f}" if bd else "-", f"{s['r_l2_mean']:.1f}" if bd else "-",
+            f"{s['input_tpr_mean']:.2f}/{s['input_tnr_mean']:.2f}" if bd else "-",
+            f"{s['seconds_mean']:.0f}", f"{s['network_evaluations_mean']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", action="append", default=None)
+    ap.add_argument("--zoo", action="append", default=[], help="extra folder of zoo models (repeatable)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--no-cache", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    presets = args.preset or ["fast", "standard"]
+    models = zoo_models(ZOO_DIR) + [m for d in args.zoo for m in zoo_models(Path(d))]
+    rows = []
+    for preset in presets:
+        reference = shipped_reference(preset)
+        if reference is None:
+            sys.exit(f"no shipped reference for preset {preset!r}: build it with benchmarks/build_reference.py")
+        th = reference.thresholds()
+        for m in models:
+            row = reverse_zoo_model(m, preset, use_cache=not args.no_cache)
+            row = {**row, "family": family(row), "score": score(row, th), "thresholds": th}
+            rows.append(row)
+            print(f"{preset:9s} {row['model']:28s} {row['split']:12s} {row['family']:22s} "
+                  f"score {row['score']:.2f} -> {'backdoored' if row['score'] > 1 else 'clean'}", flush=True)
+    summary = summarise(rows)
+    command = "python benchmarks/quality.py " + " ".join(f"--preset {p}" for p in presets) + \
+        "".join(f" --zoo {d}" for d in args.zoo)
+    md = markdown(summary, command)
+    print("\n" + md)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    name = "quality-" + "-".join(presets)
+    (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "rows": [
+        {k: v for k, v in r.items() if k != "settings"} for r in rows]}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(md)
+
+
+if __name__ == "__main__":
+    main()

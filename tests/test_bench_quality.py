@@ -1,0 +1,53 @@
+"""The quality benchmark's statistics and grouping (benchmarks/stats.py, benchmarks/quality.py)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from quality import family, score, summarise  # noqa: E402
+from stats import auroc, auroc_interval, wilson  # noqa: E402
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-3)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+
+
+def test_auroc_separation_ties_and_inversion():
+    assert auroc([3, 4], [1, 2]) == 1.0
+    assert auroc([1, 2], [3, 4]) == 0.0
+    assert auroc([1, 1], [1, 1]) == 0.5
+    assert auroc([2, 0], [1]) == 0.5
+    lo, hi = auroc_interval([3, 4, 5], [1, 2, 3.5])
+    assert 0.0 <= lo <= auroc([3, 4, 5], [1, 2, 3.5]) <= hi <= 1.0
+
+
+def _row(model, label, split, m, v, attack=None, scale=1.0, preset="fast"):
+    row = {"model": model, "label": label, "split": split, "attack": attack, "trigger_scale": scale,
+           "preset": preset, "mean_kl": m, "var_kl": v, "seconds": 10.0, "network_evaluations": 100}
+    if label == "backdoored":
+        row.update(r_cosine=0.9, r_l2=1.0, input_tpr=1.0, input_tnr=1.0)
+    return row
+
+
+def test_families_scores_and_summary():
+    th = {"mean_kl": 0.02, "var_kl": 0.001}
+    rows = [_row("b1", "benign", "holdout", 0.01, 0.0001), _row("b2", "benign", "holdout", 0.03, 0.0001),
+            _row("x1", "backdoored", "holdout", 0.2, 0.01, "baddiffusion"),
+            _row("x2", "backdoored", "holdout", 0.01, 0.0002, "baddiffusion", scale=0.2)]
+    for r in rows:
+        r["family"], r["score"] = family(r), score(r, th)
+    assert [r["family"] for r in rows] == ["benign", "benign", "baddiffusion", "baddiffusion-eta0.2"]
+    assert rows[1]["score"] == pytest.approx(1.5)  # M over its threshold: flagged (a false positive)
+    lines = {(s["split"], s["family"]): s for s in summarise(rows)}
+    assert lines[("holdout", "benign")]["tnr"] == 0.5
+    assert lines[("holdout", "baddiffusion")]["tpr"] == 1.0 and lines[("holdout", "baddiffusion")]["auroc"] == 1.0
+    assert lines[("holdout", "baddiffusion-eta0.2")]["tpr"] == 0.0
+    assert lines[("holdout", "baddiffusion-eta0.2")]["auroc"] == 0.25  # below b2, tied with b1
+    assert ("calibration", "benign") not in lines and lines[("all", "benign")]["n"] == 2
