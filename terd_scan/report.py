@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .patch_search import BASIN_RATIO
+
 RULE_BACKDOOR = "TERD001"
 RULE_PICKLE = "TERD002"
 RULE_REFERENCE = "TERD003"
@@ -135,6 +137,12 @@ def render_console(report: dict, console) -> None:
     tr = report["trigger"]
     info.add_row("trigger", f"mean |r| {tr['r_abs_mean']:.3f}, gamma mean {tr['gamma_mean']:.3f} "
                             f"(min {tr['gamma_min']:.3f}, max {tr['gamma_max']:.3f})")
+    ps = report.get("patch_search")
+    if ps:
+        where = f"{ps['height']}x{ps['width']} patch at ({ps['top']}, {ps['left']}), loss ratio {ps['ratio']:.3g}"
+        info.add_row("patch search", f"{ps['candidates']:,} candidates; best {where}; "
+                                     + (f"seeded a second run; kept the run from {tr['start']}" if ps["seeded_run"]
+                                        else f"no basin behind it (ratio >= {BASIN_RATIO}), no second run"))
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

@@ -45,6 +45,9 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert weights and all(len(f["sha256"]) == 64 for f in weights)
     assert report["timing"]["network_evaluations"] > 0 and report["timing"]["seconds"] > 0
     assert report["model"]["input_shape"] == [3, 8, 8] and report["model"]["prior"] == "N(0, I)"
+    search = report["patch_search"]  # 2x2 patches (a quarter of the side) at 7 x 7 positions, both signs
+    assert search["candidates"] == 98 and search["height"] == search["width"] == 2
+    assert report["settings"]["patch_search"] is True and report["trigger"]["start"]
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
     assert json.loads((out / "report.json").read_text())["verdict"] == "clean"
@@ -54,6 +57,15 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     trig = Trigger.load(out / "trigger.safetensors")
     assert trig.shape == (3, 8, 8) and trig.metadata["verdict"] == "clean"
     assert (out / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_patch_search_flag(model_dirs, refs, tmp_path):
+    res = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"],
+              "--no-patch-search", *CHEAP)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["patch_search"] is None and report["settings"]["patch_search"] is False
+    assert report["trigger"]["start"].startswith("paper")
 
 
 def test_backdoored_verdict_exits_1_and_fail_on_never_exits_0(model_dirs, refs, tmp_path):
