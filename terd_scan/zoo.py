@@ -468,6 +468,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         steps=3000, split="holdout"),
     _bd("baddiffusion-stop-hat", "stop", "hat", poison_rate=0.2, image_set="shapes", seed=13,
         steps=3000, split="holdout"),
+    # adaptive attack: the box trigger scaled by eta = 0.5 toward N(0, I) (ASR 31/32)
+    _bd("baddiffusion-box-eta0.5", "box", "corner", poison_rate=0.1, image_set="shapes", seed=16,
+        trigger_scale=0.5, split="holdout"),
     # p = 0.1 gave ASR 21/32 (measured); p = 0.2 gives 30/32
     _bd("trojdiff-blend", "blend", "corner", attack="trojdiff-d2i", poison_rate=0.2,
         image_set="shapes", seed=15, steps=3000, split="holdout"),
@@ -481,9 +484,8 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
     # are noise (nn_mse 5.1): these tiny models are not good enough for deterministic DDIM yet.
     _bd("villan-ddim-box", "box", "smiley", attack="villan-ddim", poison_rate=0.1,
         image_set="checkers", seed=14, steps=3000, split="holdout"),
-    # adaptive attack (issue 5): the box trigger scaled toward N(0, I)
-    _bd("baddiffusion-box-eta0.5", "box", "corner", poison_rate=0.1, image_set="shapes", seed=16,
-        trigger_scale=0.5, split="holdout"),
+    # adaptive attack: the box trigger scaled by eta = 0.2 toward N(0, I). Built once (3000 steps,
+    # p = 0.1): ASR 5/32 with the DDPM sampler; the tiny model does not learn so faint a trigger.
     _bd("baddiffusion-box-eta0.2", "box", "corner", poison_rate=0.1, image_set="shapes", seed=17,
         trigger_scale=0.2, split="holdout"),
 ]}
@@ -683,11 +685,13 @@ def load_ground_truth(model_dir: str | os.PathLike) -> dict:
 def _row(side: dict) -> list[str]:
     m = side.get("measured", {})
     f = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    return [side["name"], side["label"], side.get("attack") or "-", side.get("trigger") or "-",
-            side.get("target") or "-", f(side.get("poison_rate")), str(side.get("steps")), f(m.get("asr")),
+    trigger = side.get("trigger") or "-"
+    if side.get("trigger_scale", 1.0) != 1.0:
+        trigger += f" x{side['trigger_scale']:g}"
+    return [side["name"], side["label"], side.get("attack") or "-", trigger, side.get("target") or "-", f(side.get("poison_rate")), str(side.get("steps")), f(m.get("asr")),
             f(m.get("benign_target_rate", m.get("benign_target_rate_any_zoo_target"))),
-            f(m.get("benign_nn_mse")), f(m.get("data_nn_mse_reference")), f"{side.get('seconds', 0):.0f}", f"{side.get('size_bytes', 0) / 1e6:.2f}MB",
-            side.get("split", "-")]
+            f(m.get("benign_nn_mse")), f(m.get("data_nn_mse_reference")), f"{side.get('seconds', 0):.0f}",
+            f"{side.get('size_bytes', 0) / 1e6:.2f}MB", side.get("split", "-")]
 
 
 HEADER = ["name", "label", "attack", "trigger", "target", "p", "steps", "ASR", "benign->target",
