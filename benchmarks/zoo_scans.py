@@ -42,8 +42,10 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
                                             for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cached = CACHE / f"{model_dir.name}-{preset}-{key}.json"
-    if use_cache and cached.is_file():
-        return json.loads(cached.read_text())
+    if use_cache and cached.is_file():  # the sidecar's labels may have changed since (e.g. the split)
+        row = json.loads(cached.read_text())
+        row.update(label=gt.get("label"), split=gt.get("split"), attack=gt.get("attack"))
+        return row
     t0 = time.perf_counter()
     rev = reverse_model(str(model_dir), options)
     seconds = time.perf_counter() - t0

@@ -464,8 +464,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     ZooSpec("benign-j", image_set="gradients", seed=10, split="holdout"),
     _bd("baddiffusion-box", "box", "corner", poison_rate=0.1, image_set="shapes", seed=11,
         steps=3000, split="calibration"),
+    # calibration split: its loss landscape was studied to design the patch search (patch_search.py)
     _bd("baddiffusion-patch", "patch", "hat", poison_rate=0.2, image_set="gradients", seed=12,
-        steps=3000, split="holdout"),
+        steps=3000, split="calibration"),
     _bd("baddiffusion-stop-hat", "stop", "hat", poison_rate=0.2, image_set="shapes", seed=13,
         steps=3000, split="holdout"),
     # adaptive attack: the box trigger scaled by eta = 0.5 toward N(0, I) (ASR 31/32)
