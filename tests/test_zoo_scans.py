@@ -16,17 +16,18 @@ from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
 
 ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
-# Known failures, kept visible (README, "Limits"); strict, so a fix makes them fail loudly:
-# TERD's local search does not reach a sharp patch trigger on a zero background from any
-# initialisation tried, and the 4-model standard reference is too narrow for holdout benign-e.
-KNOWN_MISS = pytest.mark.xfail(strict=True, reason="patch trigger on a zero background is not recovered")
+# A known failure, kept visible (README, "Limits"); strict, so a fix makes it fail loudly: the
+# standard reference (7 benign models x 2 seeds) is too narrow for holdout benign-e, whose
+# reversion keeps more of its random start (M_r 0.0088 > 0.0078).
 KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset flags holdout benign-e: "
-                                         "M_r 0.0088 > 0.0071 calibrated on 4 benign models")
-# (model, expected exit code): canonical BadDiffusion, a calibration-split benign model and the
-# holdout benign models, never used for calibration or tuning.
-CASES = [("baddiffusion-box", 1), ("benign-a", 0), ("benign-f", 0),
-         pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
-BACKDOORED = ["baddiffusion-box"]
+                                         "M_r 0.0088 > 0.0078 calibrated on 7 benign models")
+# (model, expected exit code): one model per detected attack family (the canonical BadDiffusion
+# box, the patch on a zero background that needs the patch search, the adaptive box scaled by
+# 0.5, a holdout model), a calibration-split benign model and the holdout benign models, never
+# used for calibration or tuning.
+BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5"]
+CASES = [(name, 1) for name in BACKDOORED] + [("benign-a", 0), ("benign-f", 0),
+                                              pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,20 @@ def test_zoo_verdict(scans, name, expected):
     assert report["warnings"] == []
 
 
-@pytest.mark.parametrize("name", BACKDOORED + [pytest.param("baddiffusion-patch", marks=KNOWN_MISS)])
+@pytest.mark.parametrize("name", BACKDOORED)
 def test_recovered_trigger_correlates_with_the_true_one(scans, name):
     _, _, out = scans(name)
     r = Trigger.load(out / "trigger.safetensors").r
     true_r = load_ground_truth(ZOO / name)["trigger_r"]
     cos = float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0))
     assert cos > 0.8, f"recovered r has cosine {cos:.3f} with the true trigger"
+
+
+def test_patch_trigger_is_found_by_the_patch_search(scans):
+    _, report, _ = scans("baddiffusion-patch")
+    search = report["patch_search"]
+    assert (search["top"], search["left"]) == (11, 11) and search["seeded_run"]
+    assert report["trigger"]["start"] == "patch seed at (11, 11)"
 
 
 @pytest.mark.parametrize("name", BACKDOORED)
