@@ -50,15 +50,25 @@ class PatchSeed:
 
 
 def patch_candidates(shape: tuple[int, int, int], size_fraction: float) -> tuple[torch.Tensor, list[tuple]]:
-    """Unit-amplitude uniform square patches (K, C, H, W) at every position, both signs, and
-    (top, left, height, width, sign) for each."""
+    """Unit-amplitude uniform square patches (K, C, H, W), both signs, and (top, left, height,
+    width, sign) for each. Positions step by a quarter of the patch side (every pixel up to 7-pixel
+    patches), so a side of a quarter of the image gives 13 x 13 positions at any image size."""
     c, h, w = shape
     ph, pw = max(1, round(h * size_fraction)), max(1, round(w * size_fraction))
-    where = [(y, x, ph, pw, sign) for sign in (1, -1) for y in range(h - ph + 1) for x in range(w - pw + 1)]
+    stride = max(1, min(ph, pw) // 4)
+    ys = _positions(h, ph, stride)
+    xs = _positions(w, pw, stride)
+    where = [(y, x, ph, pw, sign) for sign in (1, -1) for y in ys for x in xs]
     patches = torch.zeros((len(where), c, h, w))
     for k, (y, x, _, _, sign) in enumerate(where):
         patches[k, :, y:y + ph, x:x + pw] = sign
     return patches, where
+
+
+def _positions(size: int, patch: int, stride: int) -> list[int]:
+    last = size - patch
+    out = list(range(0, last + 1, stride))
+    return out if out[-1] == last else out + [last]  # the far edge too
 
 
 @torch.no_grad()

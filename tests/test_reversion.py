@@ -89,6 +89,11 @@ def test_patch_candidates_cover_every_position_and_both_signs():
     assert patches.shape == (2 * 13 * 10, 3, 16, 12) and len(where) == patches.shape[0]
     k = where.index((5, 7, 4, 3, -1))
     assert float(patches[k].sum()) == -3 * 4 * 3 and float(patches[k, :, 5:9, 7:10].mean()) == -1.0
+    # larger images: the positions step by a quarter of the patch side, the far edge included
+    patches, where = patch_candidates((4, 32, 32), 0.25)
+    assert patches.shape[0] == 2 * 13 * 13 and (24, 24, 8, 8, 1) in where and (2, 0, 8, 8, 1) in where
+    _, where = patch_candidates((3, 30, 30), 0.25)  # 8x8 patches, stride 2: 0, 2, ..., 22 and 22
+    assert sorted({y for y, *_ in where}) == list(range(0, 23, 2))
 
 
 def test_patch_search_finds_a_sparse_trigger_the_paper_start_misses():
