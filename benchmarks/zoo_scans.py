@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from terd_scan.input_detection import detection_rates
 from terd_scan.presets import settings_for
 from terd_scan.scan import ScanOptions, reverse_model, weights_fingerprint
-from terd_scan.input_detection import detection_rates
 from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
 

@@ -112,7 +112,8 @@ def inputs_command(
     preset: PresetOpt = Preset(DEFAULT_PRESET), device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
-    grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None,
+    grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, revision: RevisionOpt = None,
+    token: TokenOpt = None, cache_dir: CacheOpt = None,
     config: ConfigOpt = None, allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Nothing on stdout (--out is still written), no progress bar; the exit code "

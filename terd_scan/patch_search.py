@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .pair_loss import pair_losses
+
 # A candidate seeds a reversion only when the loss falls by at least 2% as the patch doubles: a tie
 # is no basin (a network linear in its input gives ratio 1 exactly, up to rounding).
 BASIN_RATIO = 0.98
@@ -30,10 +32,6 @@ BASIN_RATIO = 0.98
 class PatchSeed:
     r: torch.Tensor  # (C, H, W), the candidate at full amplitude: where the seeded reversion starts
     ratio: float  # L(full amplitude) / L(half amplitude); < 1: a basin lies behind the patch
-
-    @property
-    def has_basin(self) -> bool:
-        return self.ratio < BASIN_RATIO
     top: int
     left: int
     height: int
@@ -41,6 +39,10 @@ class PatchSeed:
     sign: int
     candidates: int
     network_evaluations: int
+
+    @property
+    def has_basin(self) -> bool:
+        return self.ratio < BASIN_RATIO
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -72,22 +74,20 @@ def _positions(size: int, patch: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def _pair_losses(denoiser, rs: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
-                 chunk_samples: int) -> torch.Tensor:
-    """TERD's pair loss (gamma = 1, c = 1) for each r in rs, all with the same x0, t and noises."""
+def _candidate_losses(denoiser, rs: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+                      chunk_samples: int) -> torch.Tensor:
+    """TERD's pair loss (gamma = 1, c = 1) of each candidate r in rs (K,), averaged over the same
+    pairs (x0[i], t[i], e[i], e[pairs + i]) for every candidate."""
     pairs = x0.shape[0]
-    tt = t.repeat(2)  # e[:pairs] and e[pairs:] share x0 and t
-    abar = denoiser.alphas_cumprod[tt].view(-1, 1, 1, 1)
-    base = abar.sqrt() * x0.repeat(2, 1, 1, 1) + (1 - abar).sqrt() * e  # (2 pairs, C, H, W)
     per_call = max(1, chunk_samples // (2 * pairs))
     out = []
-    for start in range(0, rs.shape[0], per_call):
-        r = rs[start:start + per_call].to(base.device)
-        k = r.shape[0]
-        x = (base[None] + r[:, None]).flatten(0, 1)
-        residual = e[None] - denoiser.eps(x, tt.repeat(k)).view(k, 2 * pairs, *base.shape[1:])
-        diff = residual[:, :pairs] - residual[:, pairs:]
-        out.append(0.5 * diff.pow(2).flatten(2).sum(2).mean(1).cpu())
+    for first in range(0, rs.shape[0], per_call):
+        r = rs[first:first + per_call].to(x0.device)
+        k = r.shape[0]  # k candidates x pairs: pair i of candidate j is row j * pairs + i
+        e_k = torch.cat([e[:pairs].repeat(k, 1, 1, 1), e[pairs:].repeat(k, 1, 1, 1)])
+        losses = pair_losses(denoiser, x0.repeat(k, 1, 1, 1), r.repeat_interleave(pairs, dim=0), 1.0,
+                             t.repeat(k), 1.0, e_k)
+        out.append(losses.view(k, pairs).mean(1).cpu())
     return torch.cat(out)
 
 
@@ -102,8 +102,8 @@ def search_patch_seed(denoiser, size_fraction: float, amplitude: float, pairs: i
     x0 = torch.randn((pairs, *shape), generator=generator, device=device)
     t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
     e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
-    full = _pair_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
-    half = _pair_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
+    full = _candidate_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
+    half = _candidate_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
     ratio = full / half.clamp_min(1e-12)
     best = int(torch.argmin(ratio))
     y, x, ph, pw, sign = where[best]

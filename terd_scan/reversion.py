@@ -4,14 +4,14 @@ refinement through a differentiable few-step DDIM sampler)."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .detection import kl_features, kl_per_dimension
+from .detection import kl_features
+from .pair_loss import pair_loss
 from .patch_search import search_patch_seed
 from .presets import ReversionSettings
 
@@ -31,25 +31,6 @@ class ReversionResult:
 Progress = Callable[[str, int, int], None]
 
 
-def pair_loss(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor, t: torch.Tensor, c: float,
-              generator: torch.Generator) -> torch.Tensor:
-    """TERD's reversed loss. For two noises e1, e2 around the same x0, t, r, gamma, the unknown
-    attack coefficient d(t) r cancels in the difference of the residuals e - eps(x~(e)):
-
-        x~(e) = sqrt(abar_t) x0 + sqrt(1 - abar_t) gamma e + c r
-        L = mean_batch 0.5 * sum_pixels ((e1 - eps(x~(e1))) - (e2 - eps(x~(e2))))^2
-
-    Both noises go through the network in one batched call."""
-    b = x0.shape[0]
-    abar = denoiser.alphas_cumprod[t].view(-1, 1, 1, 1)
-    e = torch.randn((2 * b, *x0.shape[1:]), generator=generator, device=x0.device)
-    x0_2, abar_2 = torch.cat([x0, x0]), torch.cat([abar, abar])
-    x_tilde = abar_2.sqrt() * x0_2 + (1 - abar_2).sqrt() * gamma * e + c * r
-    residual = e - denoiser.eps(x_tilde, torch.cat([t, t]))
-    diff = residual[:b] - residual[b:]
-    return 0.5 * diff.pow(2).flatten(1).sum(1).mean()
-
-
 def _timesteps(lo: int, hi: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.randint(lo, hi + 1, (n,), generator=generator, device=device)
 
@@ -67,8 +48,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     start_evals = denoiser.evaluations
     gen = torch.Generator(device=device).manual_seed(seed)
     r0 = -torch.rand(denoiser.input_shape, generator=gen, device=device)  # the paper's initialisation
-    runs = [_two_stage_run(denoiser, s, r0, gen, progress, "")]
-    runs[0].start = "paper: -U[0,1)"
+    runs = [_two_stage_run(denoiser, s, r0, gen, progress, "paper: -U[0,1)", "")]
     search = None
     search_seconds = 0.0
     if s.patch_search:
@@ -82,18 +62,19 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
             progress("patch search", 1, 1)
         search = {**found.summary(), "seeded_run": found.has_basin}
         if found.has_basin:  # the loss falls as the patch grows
-            seeded = _two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress, " (patch seed)")
-            seeded.start = f"patch seed at ({found.top}, {found.left})"
-            runs.append(seeded)
-    best = max(runs, key=lambda run: float(kl_per_dimension(run.r, run.gamma).var(unbiased=False)))
+            runs.append(_two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress,
+                                       f"patch seed at ({found.top}, {found.left})", " (patch seed)"))
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
+    features = [kl_features(run.r, run.gamma) for run in runs]
+    chosen = max(range(len(runs)), key=lambda i: features[i].var_kl)
     seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
                "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds}
     if search is not None:
-        search["runs"] = [{"start": run.start, **kl_features(run.r, run.gamma).to_dict(), "chosen": run is best}
-                          for run in runs]
+        search["runs"] = [{"start": run.start, **f.to_dict(), "chosen": i == chosen}
+                          for i, (run, f) in enumerate(zip(runs, features))]
+    best = runs[chosen]
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
                            start=best.start)
@@ -105,12 +86,12 @@ class _Run:
     gamma: torch.Tensor
     trace: dict
     seconds: dict
-    start: str = ""
+    start: str  # where the run started, for the report
 
 
 def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: torch.Generator,
-                   progress: Progress | None, label: str) -> _Run:
-    """TERD's stage 1 and stage 2 from r_start, gamma = 1."""
+                   progress: Progress | None, start: str, label: str) -> _Run:
+    """TERD's stage 1 and stage 2 from r_start, gamma = 1; label is appended to progress names."""
     device = denoiser.device
     shape = denoiser.input_shape
     r = r_start.detach().clone().requires_grad_(True)
@@ -169,4 +150,4 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
         if progress:
             progress("stage 2: refinement" + label, i + 1, s.stage2_iterations)
     seconds["stage2"] = time.perf_counter() - t0
-    return _Run(r=r.detach(), gamma=gamma.detach(), trace=trace, seconds=seconds)
+    return _Run(r=r.detach(), gamma=gamma.detach(), trace=trace, seconds=seconds, start=start)

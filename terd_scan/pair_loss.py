@@ -1,0 +1,35 @@
+"""TERD's reversed loss, one definition for the reversion (reversion.py) and the patch search
+(patch_search.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pair_losses(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma, t: torch.Tensor, c: float,
+                e: torch.Tensor) -> torch.Tensor:
+    """The loss of each pair (b,). For two noises e1 = e[:b], e2 = e[b:] around the same x0, t, r,
+    gamma, the unknown attack coefficient d(t) r cancels in the difference of the residuals
+    e - eps(x~(e)):
+
+        x~(e) = sqrt(abar_t) x0 + sqrt(1 - abar_t) gamma e + c r
+        L_i = 0.5 * sum_pixels ((e1 - eps(x~(e1))) - (e2 - eps(x~(e2))))^2
+
+    r is one trigger (C, H, W) for every pair or one per pair (b, C, H, W). Both noises go
+    through the network in one batched call."""
+    b = x0.shape[0]
+    abar = denoiser.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_2, abar_2 = torch.cat([x0, x0]), torch.cat([abar, abar])
+    r_2 = torch.cat([r, r]) if r.dim() == x0.dim() else r
+    x_tilde = abar_2.sqrt() * x0_2 + (1 - abar_2).sqrt() * gamma * e + c * r_2
+    residual = e - denoiser.eps(x_tilde, torch.cat([t, t]))
+    diff = residual[:b] - residual[b:]
+    return 0.5 * diff.pow(2).flatten(1).sum(1)
+
+
+def pair_loss(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor, t: torch.Tensor, c: float,
+              generator: torch.Generator) -> torch.Tensor:
+    """TERD's reversed loss, mean over the batch, with fresh noise pairs from the generator:
+    L = mean_batch 0.5 * sum_pixels ((e1 - eps(x~(e1))) - (e2 - eps(x~(e2))))^2 (see pair_losses)."""
+    e = torch.randn((2 * x0.shape[0], *x0.shape[1:]), generator=generator, device=x0.device)
+    return pair_losses(denoiser, x0, r, gamma, t, c, e).mean()
