@@ -5,6 +5,8 @@ calibration-split benign models. Holdout models are never used here.
 
 Each benign model is reversed with several seeds (--seeds, default 0,1), so the thresholds
 cover the scan's own seed-to-seed spread as well as the spread between benign models.
+--model NAME (repeatable) limits the reference to some calibration benign models (the `paper`
+reference: `--preset paper --seeds 0` over the first seven, each reversion is ~15 min here).
 """
 
 from __future__ import annotations
@@ -26,10 +28,16 @@ def main() -> None:
     ap.add_argument("--preset", action="append", required=True)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds per benign model")
+    ap.add_argument("--model", action="append", default=[], help="only these calibration benign models")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     benign = [m for m in zoo_models() if _split(m) == ("benign", "calibration")]
+    if args.model:
+        unknown = set(args.model) - {m.name for m in benign}
+        if unknown:
+            sys.exit(f"not a calibration benign zoo model: {', '.join(sorted(unknown))}")
+        benign = [m for m in benign if m.name in args.model]
     for preset in args.preset:
         seeds = [int(x) for x in args.seeds.split(",")]
         rows = [reverse_zoo_model(m, preset, seed=seed, use_cache=not args.no_cache) for m in benign for seed in seeds]
@@ -38,7 +46,8 @@ def main() -> None:
             name=f"zoo-16px-{preset}", settings=settings, origin=f"shipped:{preset}",
             models=[{"name": r["model"], "seed": r["seed"], "weights_fingerprint": r["weights_fingerprint"],
                      "mean_kl": r["mean_kl"], "var_kl": r["var_kl"]} for r in rows],
-            created_by=f"python benchmarks/build_reference.py --preset {preset} --seeds {args.seeds}",
+            created_by=f"python benchmarks/build_reference.py --preset {preset} --seeds {args.seeds}"
+                       + "".join(f" --model {m.name}" for m in benign if args.model),
             notes=["benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
                    "procedural images; calibrate your own model family with 'terd-scan calibrate'"])
         out = ROOT / "terd_scan" / "references" / f"{preset}.json"

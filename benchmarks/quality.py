@@ -2,13 +2,15 @@
 rates with the reversed trigger, trigger recovery error, and cost, for each preset. Calibration
 and holdout models are reported apart (the holdout rows are the ones that count).
 
-    python benchmarks/quality.py --preset fast --preset standard [--zoo DIR ...] [--no-cache]
+    python benchmarks/quality.py --preset fast --preset standard [--zoo DIR ...] [--model NAME ...] [--no-cache]
 
 Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo models built with
 `python -m terd_scan.zoo build NAME --out DIR`). Reversions are cached in benchmarks/cache/.
 Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k.
 Score for the AUROC: max(M_r / threshold_M, V_r / threshold_V) against the shipped reference of
 the preset, so score > 1 is exactly the "backdoored" verdict.
+With several presets it also prints, per model, each preset's score and verdict and whether the
+cheaper presets agree with the first one given (e.g. `--preset paper --preset standard`).
 Writes benchmarks/results/quality-<presets>.{json,md}.
 """
 
@@ -72,6 +74,37 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def verdicts_by_model(rows: list[dict]) -> list[dict]:
+    """One line per model: each preset's score, and whether each preset's verdict is the first preset's."""
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by_preset = {r["preset"]: r for r in rows if r["model"] == model}
+        first = next(iter(by_preset.values()))
+        line = {"model": model, "split": first["split"], "family": first["family"],
+                "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset}}
+        base = presets[0]
+        if base in by_preset:
+            flag = by_preset[base]["score"] > 1
+            line["agrees_with_" + base] = {p: (by_preset[p]["score"] > 1) == flag for p in presets[1:] if p in by_preset}
+        out.append(line)
+    return out
+
+
+def verdict_markdown(lines: list[dict], presets: list[str]) -> str:
+    head = ["model", "split", "family"] + [f"{p} score" for p in presets] + \
+        [f"{p} = {presets[0]}" for p in presets[1:]]
+    out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ln in lines:
+        agree = ln.get("agrees_with_" + presets[0], {})
+        out.append("| " + " | ".join(
+            [ln["model"], ln["split"], ln["family"]]
+            + [f"{ln['scores'][p]:.2f}" if p in ln["scores"] else "-" for p in presets]
+            + [("yes" if agree[p] else "NO") if p in agree else "-" for p in presets[1:]]) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _ci(v: tuple[float, float]) -> str:
     return f"[{v[0]:.2f}, {v[1]:.2f}]"
 
@@ -100,12 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", default=None)
     ap.add_argument("--zoo", action="append", default=[], help="extra folder of zoo models (repeatable)")
+    ap.add_argument("--model", action="append", default=[], help="only this zoo model (repeatable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     presets = args.preset or ["fast", "standard"]
     models = zoo_models(ZOO_DIR) + [m for d in args.zoo for m in zoo_models(Path(d))]
+    if args.model:
+        unknown = set(args.model) - {m.name for m in models}
+        if unknown:
+            sys.exit(f"unknown zoo model(s): {', '.join(sorted(unknown))}")
+        models = [m for m in models if m.name in args.model]
     rows = []
     for preset in presets:
         reference = shipped_reference(preset)
@@ -120,13 +159,15 @@ def main(argv: list[str] | None = None) -> None:
                   f"score {row['score']:.2f} -> {'backdoored' if row['score'] > 1 else 'clean'}", flush=True)
     summary = summarise(rows)
     command = "python benchmarks/quality.py " + " ".join(f"--preset {p}" for p in presets) + \
-        "".join(f" --zoo {d}" for d in args.zoo)
+        "".join(f" --zoo {d}" for d in args.zoo) + "".join(f" --model {m}" for m in args.model)
     md = markdown(summary, command)
+    if len(presets) > 1:
+        md += "\n" + verdict_markdown(verdicts_by_model(rows), presets)
     print("\n" + md)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     name = "quality-" + "-".join(presets)
-    (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "rows": [
+    (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "by_model": verdicts_by_model(rows), "rows": [
         {k: v for k, v in r.items() if k != "settings"} for r in rows]}, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)
 

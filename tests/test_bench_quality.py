@@ -51,3 +51,19 @@ def test_families_scores_and_summary():
     assert lines[("holdout", "baddiffusion-eta0.2")]["tpr"] == 0.0
     assert lines[("holdout", "baddiffusion-eta0.2")]["auroc"] == 0.25  # below b2, tied with b1
     assert ("calibration", "benign") not in lines and lines[("all", "benign")]["n"] == 2
+
+
+def test_verdicts_by_model_compares_with_the_first_preset():
+    from quality import verdict_markdown, verdicts_by_model
+
+    rows = [_row("b1", "benign", "holdout", 0.01, 0.0001, preset="paper"),
+            _row("b1", "benign", "holdout", 0.03, 0.0001, preset="standard"),
+            _row("x1", "backdoored", "holdout", 0.2, 0.01, "baddiffusion", preset="paper"),
+            _row("x1", "backdoored", "holdout", 0.3, 0.01, "baddiffusion", preset="standard")]
+    for r in rows:
+        r["family"], r["score"] = family(r), score(r, {"mean_kl": 0.02, "var_kl": 0.001})
+    lines = {ln["model"]: ln for ln in verdicts_by_model(rows)}
+    assert lines["b1"]["agrees_with_paper"] == {"standard": False}  # clean under paper, flagged under standard
+    assert lines["x1"]["agrees_with_paper"] == {"standard": True}
+    md = verdict_markdown(list(lines.values()), ["paper", "standard"])
+    assert "| b1 | holdout | benign | 0.50 | 1.50 | NO |" in md
