@@ -2,8 +2,9 @@
 epsilon prediction, and the samplers the reversion and the report need.
 
 Only what TERD needs is exposed, so reversion, detection and reporting stay one code path
-whatever the family. The DDPM/DDIM family (UNet2DModel + a beta-schedule scheduler) and score-SDE VE
-models (NCSN++-style, seen through their variance-preserving view) are here; other families raise
+whatever the family. The DDPM/DDIM family (UNet2DModel + a beta-schedule scheduler), latent diffusion
+(the same on an autoencoder's latents) and score-SDE VE models (NCSN++-style, seen through their
+variance-preserving view) are here; other families raise
 UnsupportedModelError rather than being scanned wrongly.
 """
 
@@ -40,11 +41,15 @@ class ModelInfo:
     prior: str
     sampler: str
     parameters: int
+    latent: dict | None = None  # latent diffusion: latent shape, autoencoder, scaling, decoded image shape
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "input_shape": list(self.input_shape),
-                "num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type,
-                "prior": self.prior, "sampler": self.sampler, "parameters": self.parameters}
+        d = {"kind": self.kind, "input_shape": list(self.input_shape),
+             "num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type,
+             "prior": self.prior, "sampler": self.sampler, "parameters": self.parameters}
+        if self.latent is not None:
+            d["latent"] = self.latent
+        return d
 
 
 class DDPMDenoiser:
@@ -259,9 +264,59 @@ class VEDenoiser:
         return x
 
 
+LATENT_KIND = "latent diffusion (LDM)"
+
+
+class LatentDenoiser(DDPMDenoiser):
+    """A latent diffusion model (LDMPipeline): the DDPM denoiser on the UNet's latents, plus the
+    autoencoder's decoder to show what latents become.
+
+    The backdoor threat model is the same one level down: the starting noise is a latent
+    z_T ~ N(0, I), so the trigger (r, gamma) is reversed, judged and used for input detection in
+    latent space, in the units the UNet sees (VQModel latents unscaled; AutoencoderKL latents
+    multiplied by scaling_factor). Only the previews are decoded: images = decode(z / s + shift).
+    """
+
+    def __init__(self, unet, scheduler_config: dict, autoencoder, device: torch.device | str = "cpu"):
+        super().__init__(unet, scheduler_config, device)
+        self.autoencoder = autoencoder
+        self.vae = autoencoder.model.to(self.device).eval().requires_grad_(False)
+        c, h, w = self.input_shape
+        f = autoencoder.downsample
+        self.image_shape = (int(autoencoder.config.get("out_channels", 3)), h * f, w * f)
+
+    def info(self) -> ModelInfo:
+        ae = self.autoencoder
+        scaling = ("none (VQModel latents are used unscaled)" if ae.class_name == "VQModel" else
+                   (f"latents = (encode(x) - {ae.shift_factor:g}) * {ae.scaling_factor:g}" if ae.shift_factor
+                    else f"latents = encode(x) * {ae.scaling_factor:g}"))
+        return ModelInfo(kind=LATENT_KIND, input_shape=self.input_shape, num_train_timesteps=self.num_train_timesteps,
+                         prediction_type=self.prediction_type, prior="N(0, I) in latent space",
+                         sampler=("DDIM (eta=0, no x0 clipping) on latents for refinement; DDPM ancestral on latents, "
+                                  f"decoded with the {ae.class_name}, for previews"),
+                         parameters=sum(p.numel() for p in self.unet.parameters()),
+                         latent={"latent_shape": list(self.input_shape), "autoencoder": ae.class_name,
+                                 "component": ae.component, "scaling": scaling,
+                                 "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
+                                 "decoded_shape": list(self.image_shape),
+                                 "autoencoder_parameters": sum(p.numel() for p in self.vae.parameters())})
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Latents (UNet units) -> images in [-1, 1] (not clamped), as the pipeline decodes them
+        (a VQModel quantises to its codebook first)."""
+        ae = self.autoencoder
+        out = []
+        for z in latents.to(self.device).split(batch):
+            out.append(self.vae.decode(z / ae.scaling_factor + ae.shift_factor).sample)
+        return torch.cat(out) if out else latents.new_zeros((0, *self.image_shape))
+
+
 def make_denoiser(loaded, device: torch.device | str = "cpu"):
     """Pick the adapter for a loaded model (see loading.LoadedModel): VEDenoiser for ScoreSdeVeScheduler,
-    DDPMDenoiser for beta schedules."""
+    LatentDenoiser when there is an autoencoder (LDMPipeline), DDPMDenoiser for beta schedules."""
     if loaded.scheduler_config.get("_class_name") in VE_SCHEDULERS:
         return VEDenoiser(loaded.unet, loaded.scheduler_config, device)
+    if getattr(loaded, "autoencoder", None) is not None:
+        return LatentDenoiser(loaded.unet, loaded.scheduler_config, loaded.autoencoder, device)
     return DDPMDenoiser(loaded.unet, loaded.scheduler_config, device)

@@ -15,6 +15,8 @@ Layouts:
   DDIM repo         ckpt.pth of ermongroup/ddim / TrojDiff (a pickled list; --allow-pickle), the file or
                     its folder; architecture from --config or inferred from the weights (ddim_repo.py)
   score-SDE VE      any of the above with a ScoreSdeVeScheduler config and a Fourier-embedding UNet
+  latent (LDM)      LDMPipeline folder: model_index.json + unet/ + scheduler/ + vqvae/ (VQModel, CompVis/ldm-*)
+                    or vae/ (AutoencoderKL); the autoencoder goes through the same gate as the UNet
 """
 
 from __future__ import annotations
@@ -69,6 +71,19 @@ class Provenance:
 
 
 @dataclass
+class LoadedAutoencoder:
+    """The decoder side of a latent diffusion model: latents (what the UNet sees) -> images."""
+
+    model: object  # diffusers VQModel | AutoencoderKL, frozen, eval mode
+    class_name: str  # "VQModel" | "AutoencoderKL"
+    component: str  # model_index.json key: "vqvae" | "vae"
+    config: dict
+    scaling_factor: float  # decode(latents / scaling_factor + shift_factor)
+    shift_factor: float
+    downsample: int  # image side / latent side
+
+
+@dataclass
 class LoadedModel:
     name: str
     unet: "UNet2DModel"
@@ -77,6 +92,7 @@ class LoadedModel:
     schedule_origin: str
     pipeline_class: str | None
     provenance: Provenance
+    autoencoder: LoadedAutoencoder | None = None  # latent diffusion only
 
 
 def _rel(root: str, path: str) -> str:
@@ -168,7 +184,8 @@ def _refuse_code(folder: str, rel_folder: str) -> None:
 
 
 def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes: list[str]):
-    """Decide which files make the model. Returns (pipeline_class, unet_dir, unet_config_path, sched_path)."""
+    """Decide which files make the model. Returns (pipeline_class, unet_dir, unet_config_path, sched_path,
+    latent), latent = (model_index key, class, folder) of an LDMPipeline's autoencoder, else None."""
     root = src.root
     index_path = os.path.join(root, "model_index.json")
     pipeline_class = None
@@ -186,6 +203,15 @@ def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes
         sched_dir = os.path.join(root, "scheduler")
         if os.path.isdir(sched_dir):
             _refuse_code(sched_dir, "scheduler")
+        latent = None
+        ae_key = next((k for k in safety.AUTOENCODER_KEYS if k in components), None)
+        if pipeline_class in safety.LATENT_PIPELINES and ae_key is not None:
+            ae_dir = os.path.join(root, ae_key)
+            if not os.path.isfile(os.path.join(ae_dir, "config.json")):
+                raise ScanError(f"{pipeline_class} names a {components[ae_key][1]} in {ae_key}/ but {ae_key}/config.json "
+                                "is missing; add the autoencoder folder (config.json + weights) from the original model")
+            _refuse_code(ae_dir, ae_key)
+            latent = (ae_key, components[ae_key][1], ae_dir)
         sched = None
         if "scheduler" in components:
             for cand in (os.path.join(sched_dir, "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
@@ -195,11 +221,11 @@ def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes
             if sched is None:
                 notes.append("model_index.json names a scheduler but its scheduler_config.json is missing")
     elif os.path.isfile(os.path.join(root, "config.json")) or config:
-        unet_dir = root
+        unet_dir, latent = root, None
         sched = next((c for c in (os.path.join(root, "scheduler_config.json"),
                                   os.path.join(root, "scheduler", "scheduler_config.json")) if os.path.isfile(c)), None)
     elif os.path.isfile(os.path.join(root, "unet", "config.json")):
-        unet_dir = os.path.join(root, "unet")
+        unet_dir, latent = os.path.join(root, "unet"), None
         _refuse_code(unet_dir, "unet")
         notes.append("no model_index.json: used unet/ as the UNet folder")
         sched = next((c for c in (os.path.join(root, "scheduler", "scheduler_config.json"),
@@ -213,7 +239,7 @@ def _plan_folder(src: ResolvedSource, reader: _Reader, config: str | None, notes
         raise ScanError(f"no model found in {src.source}: {what}; pass a diffusers model folder (model_index.json, "
                         "unet/, scheduler/) or a UNet folder (config.json + diffusion_pytorch_model.safetensors)")
     unet_cfg_path = os.path.abspath(config) if config else os.path.join(unet_dir, "config.json")
-    return pipeline_class, unet_dir, unet_cfg_path, sched
+    return pipeline_class, unet_dir, unet_cfg_path, sched, latent
 
 
 def load_model(source: str, *, revision: str | None = None, token: str | None = None,
@@ -251,8 +277,9 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
         sched = sched if os.path.isfile(sched) else None
         weights_path = src.weights_file
         unet_dir = src.root
+        latent = None
     else:
-        pipeline_class, unet_dir, cfg_path, sched = _plan_folder(src, reader, config, notes)
+        pipeline_class, unet_dir, cfg_path, sched, latent = _plan_folder(src, reader, config, notes)
         weights_path = None
 
     # UNet config: JSON data, checked before anything is built
@@ -269,40 +296,108 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
         raise ScanError(f"{reader.rel(cfg_path)} describes a UNet of {n_params:.2e} parameters (limit "
                         f"{safety.MAX_PARAMS:.0e}); refusing to allocate it")
     expected = {k: tuple(v.shape) for k, v in meta_unet.state_dict().items()}
+    # every config is checked before any weights are read (on the Hub: downloaded)
+    ae_plan = _plan_autoencoder(reader, latent, unet_cfg, reader.rel(cfg_path)) if latent is not None else None
 
     # weights
     if weights_path is None:
-        name = _find_weights(_list_folder(src, unet_dir), reader.rel(unet_dir) if unet_dir != src.root else "", notes)
-        weights_path = os.path.join(unet_dir, name)
-        if src.fetch is not None:  # Hub: download this one file of the resolved commit, now that the configs passed
-            rel = reader.rel(weights_path)
-            if not allow_pickle and name.lower().endswith(safety.PICKLE_SUFFIXES):
-                raise UnsafeFileError(f"{rel} is a pickle, which can run code when loaded (not downloaded); "
-                                      f"{safety.PICKLE_REFUSAL_FIX}")
-            weights_path = src.fetch(rel)
+        weights_path = _weights_path(src, reader, unet_dir, allow_pickle, notes)
+    sd, pickle_loaded = _read_weights(reader, meta_unet, weights_path, expected, allow_pickle, notes, "UNet")
+    unet = _assign(meta_unet, sd, reader.rel(weights_path))
+
+    autoencoder = None
+    if latent is not None:
+        autoencoder, ae_pickle = _load_autoencoder(src, reader, ae_plan, allow_pickle, notes)
+        pickle_loaded = pickle_loaded or ae_pickle
+    return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded, notes,
+                         autoencoder)
+
+
+def _weights_path(src: ResolvedSource, reader: _Reader, folder: str, allow_pickle: bool, notes: list[str]) -> str:
+    """The weights file of a component folder, downloaded (Hub) now that the configs passed the gate."""
+    name = _find_weights(_list_folder(src, folder), reader.rel(folder) if folder != src.root else "", notes)
+    path = os.path.join(folder, name)
+    if src.fetch is not None:
+        rel = reader.rel(path)
+        if not allow_pickle and name.lower().endswith(safety.PICKLE_SUFFIXES):
+            raise UnsafeFileError(f"{rel} is a pickle, which can run code when loaded (not downloaded); "
+                                  f"{safety.PICKLE_REFUSAL_FIX}")
+        path = src.fetch(rel)
+    return path
+
+
+def _read_weights(reader: _Reader, meta_model, weights_path: str, expected: dict, allow_pickle: bool,
+                  notes: list[str], what: str) -> tuple[dict, bool]:
+    """Read, gate and check one component's weights against its meta-built model: (fp32 state dict,
+    whether a pickle was loaded)."""
     rel_w = reader.rel(weights_path)
     rf, fmt = reader.weights(weights_path)
     pickle_loaded = False
     if fmt == "safetensors":
-        rename = safety.legacy_key_map(meta_unet, safety.safetensors_header(rf.data, rf.path))
-        sd = safety.load_safetensors_bytes(rf, expected, rename)
+        rename = safety.legacy_key_map(meta_model, safety.safetensors_header(rf.data, rf.path))
+        sd = safety.load_safetensors_bytes(rf, expected, rename, what)
     else:
         if not allow_pickle:
             safety.refuse_pickle(rf, rel_w)
         sd = safety.load_pickle_bytes(rf, rel_w)
         pickle_loaded = True
         notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
-        rename = safety.legacy_key_map(meta_unet, sd)
+        rename = safety.legacy_key_map(meta_model, sd)
     reader.record_weights(weights_path, rf, fmt)
     del rf
     if rename:
         sd = {rename.get(k, k): v for k, v in sd.items()}
         notes.append(f"{rel_w}: {len(rename)} legacy attention weight names (query/key/value/proj_attn) mapped to "
                      "to_q/to_k/to_v/to_out.0, as diffusers does on load")
-    sd = safety.check_state_dict(sd, expected, rel_w)
-    unet = _assign(meta_unet, sd, rel_w)
+    return safety.check_state_dict(sd, expected, rel_w, what), pickle_loaded
 
-    return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded, notes)
+
+def _plan_autoencoder(reader: _Reader, latent: tuple[str, str, str], unet_cfg: dict, unet_where: str) -> dict:
+    """Check the LDM autoencoder's config against the UNet and build it on the meta device."""
+    key, cls, folder = latent
+    cfg_path = os.path.join(folder, "config.json")
+    where = reader.rel(cfg_path)
+    cfg = reader.json(cfg_path, "config", f"{cls} config")
+    safety.check_autoencoder_config(cfg, cls, where)
+    c_lat = cfg.get("latent_channels", 3 if cls == "VQModel" else 4)
+    c_unet = unet_cfg.get("in_channels", 3)
+    if c_lat != c_unet:
+        raise ScanError(f"latent channels do not match: {where} encodes {c_lat} channels but the UNet ({unet_where}) "
+                        f"takes {c_unet}; the autoencoder and the UNet come from different models")
+    if cls == "AutoencoderKL" and (cfg.get("latents_mean") is not None or cfg.get("latents_std") is not None):
+        raise UnsupportedModelError(f"not supported yet: per-channel latents_mean/latents_std in {where}; terd-scan "
+                                    "decodes with a single scaling_factor (and shift_factor)")
+    meta = _build_model(cls, cfg, meta=True, where=where)
+    n_params = sum(p.numel() for p in meta.parameters())
+    if n_params > safety.MAX_PARAMS:
+        raise ScanError(f"{where} describes a {cls} of {n_params:.2e} parameters (limit {safety.MAX_PARAMS:.0e}); "
+                        "refusing to allocate it")
+    return {"key": key, "cls": cls, "folder": folder, "cfg": cfg, "where": where, "meta": meta,
+            "expected": {k: tuple(v.shape) for k, v in meta.state_dict().items()}}
+
+
+def _load_autoencoder(src: ResolvedSource, reader: _Reader, plan: dict, allow_pickle: bool,
+                      notes: list[str]) -> tuple[LoadedAutoencoder, bool]:
+    """The LDM autoencoder's weights, through the same gate as the UNet's (keys, shapes, dtypes, NaN checked
+    before they are assigned to the meta-built model)."""
+    key, cls, folder, cfg, where, meta = (plan[k] for k in ("key", "cls", "folder", "cfg", "where", "meta"))
+    weights_path = _weights_path(src, reader, folder, allow_pickle, notes)
+    sd, pickle_loaded = _read_weights(reader, meta, weights_path, plan["expected"], allow_pickle, notes, cls)
+    model = _assign(meta, sd, reader.rel(weights_path), cls)
+    if cls == "VQModel":
+        # LDM's VQ latents are used unscaled (the VQ space has about unit variance); diffusers' LDMPipeline
+        # divides by the config default 0.18215, which breaks CompVis/ldm-celebahq-256 (diffusers issue 6725)
+        sf, shift = 1.0, 0.0
+        if "scaling_factor" in cfg and cfg["scaling_factor"] != 1.0:
+            notes.append(f"{where}: scaling_factor {cfg['scaling_factor']} ignored: VQModel latents are decoded "
+                         "unscaled, as in latent diffusion")
+    else:
+        sf, shift = float(cfg.get("scaling_factor", 0.18215)), float(cfg.get("shift_factor") or 0.0)
+    n_down = len(cfg.get("block_out_channels", [64])) - 1
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items()
+              if k != "_use_default_values"}
+    return LoadedAutoencoder(model=model, class_name=cls, component=key, config=config, scaling_factor=sf,
+                             shift_factor=shift, downsample=2 ** n_down), pickle_loaded
 
 
 def _scheduler_config(reader: _Reader, sched: str | None, unet_cfg: dict, cfg_where: str, notes: list[str],
@@ -329,6 +424,9 @@ def _check_family(pipeline_class: str | None, sched_cfg: dict, unet_cfg: dict, w
     """The UNet, the scheduler and the pipeline must describe the same model family."""
     ve = sched_cfg.get("_class_name") in safety.VE_SCHEDULERS
     fourier = unet_cfg.get("time_embedding_type") == "fourier"
+    if pipeline_class in safety.LATENT_PIPELINES and (ve or fourier):
+        raise UnsupportedModelError(f"not supported: {pipeline_class} with a score-SDE VE UNet or scheduler ({where}); "
+                                    "terd-scan scans latent models with a DDPM/DDIM beta schedule")
     if ve and not fourier:
         raise UnsupportedModelError(f"not supported: ScoreSdeVeScheduler with a UNet without a Fourier time embedding "
                                     f"({where}); score-SDE VE UNets (NCSN++) are called with sigma, this one expects "
@@ -419,7 +517,7 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
 
 
 def _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded,
-                  notes) -> LoadedModel:
+                  notes, autoencoder: LoadedAutoencoder | None = None) -> LoadedModel:
     """The LoadedModel and its provenance, the same for every layout."""
     prov = Provenance(source=source, kind=src.kind, root=src.root, repo_id=src.repo_id,
                       requested_revision=src.requested_revision, resolved_commit=src.resolved_commit,
@@ -427,7 +525,8 @@ def _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipelin
     unet_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
                    if k != "_use_default_values"}
     return LoadedModel(name=src.name, unet=unet, unet_config=unet_config, scheduler_config=sched_cfg,
-                       schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov)
+                       schedule_origin=schedule_origin, pipeline_class=pipeline_class, provenance=prov,
+                       autoencoder=autoencoder)
 
 
 def _quiet_diffusers():
@@ -437,34 +536,42 @@ def _quiet_diffusers():
 
 
 def _build_unet(cfg: dict, *, meta: bool, where: str):
+    return _build_model("UNet2DModel", cfg, meta=meta, where=where)
+
+
+def _build_model(class_name: str, cfg: dict, *, meta: bool, where: str):
+    """A diffusers model class (UNet2DModel, VQModel, AutoencoderKL: fixed names, never from the source)
+    built from a checked config; on the meta device nothing is allocated."""
     import inspect
 
     import torch
-    from diffusers import UNet2DModel
+    import diffusers
 
     _quiet_diffusers()
-    params = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    cls = {"UNet2DModel": diffusers.UNet2DModel, "VQModel": diffusers.VQModel,
+           "AutoencoderKL": diffusers.AutoencoderKL}[class_name]
+    params = set(inspect.signature(cls.__init__).parameters) - {"self"}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in params}
     try:
         if meta:
             with torch.device("meta"):
-                return UNet2DModel(**kwargs)
-        return UNet2DModel(**kwargs)
+                return cls(**kwargs)
+        return cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/TypeError/AssertionError for bad configs
         msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ScanError(f"invalid UNet2DModel config {where}: {msg}; fix or regenerate the config") from None
+        raise ScanError(f"invalid {class_name} config {where}: {msg}; fix or regenerate the config") from None
 
 
-def _assign(meta_unet, sd: dict, rel_w: str):
-    """Put the checked fp32 tensors into the meta-built UNet (strict: every key, every shape)."""
+def _assign(meta_unet, sd: dict, rel_w: str, what: str = "UNet"):
+    """Put the checked fp32 tensors into the meta-built model (strict: every key, every shape)."""
     try:
         missing, unexpected = meta_unet.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ScanError(f"weights in {rel_w} do not fit the UNet: {str(exc).splitlines()[0][:160]}; the config and "
+        raise ScanError(f"weights in {rel_w} do not fit the {what}: {str(exc).splitlines()[0][:160]}; the config and "
                         "the weights come from different models") from None
     leftover = [n for n, t in list(meta_unet.named_parameters()) + list(meta_unet.named_buffers()) if t.is_meta]
     if leftover:
-        raise ScanError(f"weights in {rel_w} leave {len(leftover)} UNet tensors unset (e.g. {leftover[0]}); "
+        raise ScanError(f"weights in {rel_w} leave {len(leftover)} {what} tensors unset (e.g. {leftover[0]}); "
                         "the config and the weights come from different models")
     meta_unet.to("cpu", dtype=__import__("torch").float32)
     meta_unet.eval()

@@ -126,6 +126,11 @@ def render_console(report: dict, console) -> None:
     info.add_row("source", source)
     info.add_row("model", f"{m['kind']} UNet, input {tuple(m['input_shape'])}, {m['parameters']:,} parameters, "
                           f"{m['prediction_type']} prediction, prior {m['prior']}")
+    if m.get("latent"):
+        lat = m["latent"]
+        info.add_row("latent", f"latent shape {tuple(lat['latent_shape'])}, {lat['autoencoder']} "
+                               f"({lat['component']}/) decodes to {tuple(lat['decoded_shape'])}; scaling: {lat['scaling']}; "
+                               "the trigger is reversed in latent space")
     info.add_row("schedule", m["schedule_origin"])
     info.add_row("reference", f"{ref['name']} ({ref['origin']}, {ref['models']} benign models, {ref['runs']} runs, "
                               f"mu + {ref['k_sigma']:g} sigma)")
@@ -165,18 +170,22 @@ def _to_pixels(x: torch.Tensor, lo: float | None = None, hi: float | None = None
     return (x * 255).round().to(torch.uint8).permute(1, 2, 0)
 
 
-def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, triggered: torch.Tensor) -> bytes:
+def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, triggered: torch.Tensor,
+                  latent: bool = False) -> bytes:
     """A PNG: the recovered r and gamma, then samples from benign noise (top row) and from the
-    recovered trigger (bottom row), so a person sees what the backdoor does."""
+    recovered trigger (bottom row), so a person sees what the backdoor does. For a latent model
+    r and gamma are latents (first 3 channels shown) and the samples are decoded images, which
+    may be larger than r: every tile is drawn at the same size."""
     from PIL import Image, ImageDraw
 
-    _, h, w = r.shape
+    sides = [r.shape[-2:], *(x.shape[-2:] for x in (benign, triggered) if x.dim() == 4 and x.shape[0])]
+    h, w = max(s[0] for s in sides), max(s[1] for s in sides)
     scale = max(1, 96 // max(h, w))
     tile_w, tile_h = w * scale, h * scale
     n = max(benign.shape[0], triggered.shape[0], 2)
     pad, label_h = 4, 14
     cols = n
-    width = pad + cols * (tile_w + pad)
+    width = max(pad + cols * (tile_w + pad), 300 if latent else 0)  # room for the longer labels
     height = 3 * (label_h + tile_h + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -185,8 +194,13 @@ def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, tr
         img = Image.fromarray(tile.numpy(), "RGB").resize((tile_w, tile_h), Image.NEAREST)
         canvas.paste(img, (pad + col * (tile_w + pad), row * (label_h + tile_h + pad) + label_h + pad))
 
-    rows = [("recovered r (min..max) and gamma (0..max)", None),
-            ("generated from benign noise N(0, I)", benign), ("generated from the recovered trigger", triggered)]
+    if latent:
+        rows = [(f"recovered latent r, gamma (first {min(3, r.shape[0])} of {r.shape[0]} channels)", None),
+                ("decoded, from benign latent noise N(0, I)", benign),
+                ("decoded, from the recovered latent trigger", triggered)]
+    else:
+        rows = [("recovered r (min..max) and gamma (0..max)", None),
+                ("generated from benign noise N(0, I)", benign), ("generated from the recovered trigger", triggered)]
     for row, (label, _) in enumerate(rows):
         draw.text((pad, row * (label_h + tile_h + pad) + 2), label, fill=(0, 0, 0))
     paste(_to_pixels(r), 0, 0)

@@ -39,9 +39,14 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_REFUSAL_FIX = "convert to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
 
 # diffusers model_index classes
-SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline"}
-NOT_YET_PIPELINES = {"LDMPipeline", "ConsistencyModelPipeline", "KarrasVePipeline",
+SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline", "LDMPipeline"}
+NOT_YET_PIPELINES = {"ConsistencyModelPipeline", "KarrasVePipeline",
                      "LatentDiffusionUncondPipeline", "DanceDiffusionPipeline", "DiTPipeline"}
+# latent diffusion: the autoencoder of an LDMPipeline (CompVis/ldm-* name it "vqvae"; "vae" is accepted too)
+LATENT_PIPELINES = {"LDMPipeline"}
+AUTOENCODER_KEYS = ("vqvae", "vae")
+AUTOENCODER_CLASSES = {"VQModel", "AutoencoderKL"}
+SCANNED_PIPELINES = "DDPMPipeline, DDIMPipeline, PNDMPipeline, ScoreSdeVePipeline and LDMPipeline"
 # schedulers whose config is a DDPM-style beta schedule (the DDIM-compatible family)
 SUPPORTED_SCHEDULERS = {
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DEISMultistepScheduler",
@@ -200,14 +205,14 @@ def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str
     unet_cls = components.get("unet", components.get("model", (None, None)))[1]
     if cls in NOT_YET_PIPELINES:
         raise UnsupportedModelError(f"not supported yet: {cls} ({where}); terd-scan currently scans "
-                                    "DDPMPipeline, DDIMPipeline, PNDMPipeline and ScoreSdeVePipeline with a UNet2DModel")
+                                    f"{SCANNED_PIPELINES} with a UNet2DModel")
     if (unet_cls == "UNet2DConditionModel" or any(k in TEXT_COMPONENTS for k in components)
             or cls == "IFPipeline" or any(m in cls for m in TEXT_TO_IMAGE_MARKERS)):
         what = f"{cls} with a UNet2DConditionModel" if unet_cls == "UNet2DConditionModel" else cls
         raise UnsupportedModelError(CAPTION_MSG.format(what=f"{what} ({where})"))
     if cls not in SUPPORTED_PIPELINES:
-        raise UnsupportedModelError(f"unknown pipeline class {cls!r:.80} in {where}; terd-scan scans DDPMPipeline, "
-                                    "DDIMPipeline, PNDMPipeline and ScoreSdeVePipeline with a UNet2DModel")
+        raise UnsupportedModelError(f"unknown pipeline class {cls!r:.80} in {where}; terd-scan scans "
+                                    f"{SCANNED_PIPELINES} with a UNet2DModel")
     unet_key = "unet" if "unet" in components else ("model" if "model" in components else None)
     if unet_key is None:
         raise ScanError(f"{where} names no 'unet' component; expected \"unet\": [\"diffusers\", \"UNet2DModel\"]")
@@ -223,10 +228,28 @@ def check_model_index(index: dict, where: str) -> tuple[str, dict[str, tuple[str
                                             "terd-scan scans UNet2DModel denoisers")
         elif key == "scheduler":
             check_scheduler_class(comp_cls, where)
+        elif key in AUTOENCODER_KEYS and cls in LATENT_PIPELINES:
+            check_autoencoder_class(lib, comp_cls, f"{where} ('{key}')")
         else:
             raise UnsupportedModelError(f"not supported yet: component '{key}' ({comp_cls}) in {where}; "
                                         "terd-scan scans pipelines made of a UNet2DModel and a scheduler")
+    if cls in LATENT_PIPELINES:
+        found = [k for k in AUTOENCODER_KEYS if k in components]
+        if len(found) != 1:
+            what = "no autoencoder" if not found else f"two autoencoders ({', '.join(found)})"
+            raise ScanError(f"{where} is an {cls} with {what}; expected one \"vqvae\": [\"diffusers\", \"VQModel\"] "
+                            "(or \"vae\": [\"diffusers\", \"AutoencoderKL\"]) beside the unet")
     return cls, components
+
+
+def check_autoencoder_class(lib, cls, where: str) -> str:
+    if lib != "diffusers":
+        raise UnsupportedModelError(f"{where}: the autoencoder comes from {lib!r}, not diffusers; terd-scan loads only "
+                                    "diffusers' VQModel and AutoencoderKL")
+    if cls not in AUTOENCODER_CLASSES:
+        raise UnsupportedModelError(f"not supported: autoencoder class {cls!r:.60} in {where}; terd-scan decodes "
+                                    f"latent models with {' or '.join(sorted(AUTOENCODER_CLASSES))}")
+    return cls
 
 
 def check_scheduler_class(cls, where: str) -> str:
@@ -361,6 +384,51 @@ def check_unet_config(cfg: dict, where: str) -> dict:
     return cfg
 
 
+def check_autoencoder_config(cfg: dict, expected_cls: str, where: str) -> dict:
+    """Type- and range-check a VQModel / AutoencoderKL config before anything is built."""
+    cls = cfg.get("_class_name", expected_cls)
+    if cls != expected_cls:
+        if not isinstance(cls, str):
+            raise UnsafeFileError(f"{where}: _class_name {cls!r:.60} is not a diffusers class name; "
+                                  "terd-scan never runs code from a model repo")
+        raise ScanError(f"{where} is a {cls!r:.60} config but model_index.json names a {expected_cls}; "
+                        "fix model_index.json or the autoencoder's config.json")
+
+    def bad(field, value, expect):
+        raise ScanError(f"{where}: {field} must be {expect}, got {value!r:.60}; fix or regenerate the config")
+
+    boc = cfg.get("block_out_channels", [64])
+    if not isinstance(boc, (list, tuple)) or not 1 <= len(boc) <= MAX_BLOCKS \
+            or not all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in boc):
+        bad("block_out_channels", boc, f"a list of 1..{MAX_BLOCKS} integers in 1..{MAX_CHANNELS}")
+    for key in ("down_block_types", "up_block_types"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and len(s) < 64 for s in v) \
+                or len(v) != len(boc):
+            bad(key, v, f"a list of {len(boc)} block names (one per block_out_channels entry)")
+    ints = {"layers_per_block": (1, MAX_LAYERS_PER_BLOCK), "in_channels": (1, MAX_IO_CHANNELS),
+            "out_channels": (1, MAX_IO_CHANNELS), "latent_channels": (1, MAX_IO_CHANNELS),
+            "norm_num_groups": (1, MAX_CHANNELS), "num_vq_embeddings": (1, 1_000_000),
+            "vq_embed_dim": (1, MAX_IO_CHANNELS), "sample_size": (1, MAX_SAMPLE_SIZE)}
+    for key, (lo, hi) in ints.items():
+        v = cfg.get(key)
+        if v is not None and (not _is_int(v) or not lo <= v <= hi):
+            bad(key, v, f"an integer in {lo}..{hi}")
+    sf = cfg.get("scaling_factor")
+    if sf is not None and (not _is_number(sf) or not 0.0 < float(sf) < 1e6):
+        bad("scaling_factor", sf, "a positive finite number")
+    sh = cfg.get("shift_factor")
+    if sh is not None and not _is_number(sh):
+        bad("shift_factor", sh, "a finite number or null")
+    for key in ("act_fn", "norm_type"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str):
+            bad(key, v, "a string")
+    return cfg
+
+
 def estimate_unet_params(cfg: dict) -> int:
     """Upper-ish estimate of UNet2DModel parameters from its config, without building anything."""
     boc = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
@@ -443,7 +511,7 @@ def safetensors_header(data: bytes, path: str) -> dict[str, dict]:
 
 
 def load_safetensors_bytes(rf: ReadFile, expected: dict[str, tuple] | None = None,
-                           rename: dict[str, str] | None = None):
+                           rename: dict[str, str] | None = None, what: str = "UNet"):
     """Load a state dict from safetensors bytes; check keys and shapes against `expected` first
     (after applying `rename` to the stored names)."""
     from safetensors import SafetensorError
@@ -452,7 +520,7 @@ def load_safetensors_bytes(rf: ReadFile, expected: dict[str, tuple] | None = Non
     header = safetensors_header(rf.data, rf.path)
     if expected is not None:
         rename = rename or {}
-        check_keys_and_shapes({rename.get(k, k): v["shape"] for k, v in header.items()}, expected, rf.path)
+        check_keys_and_shapes({rename.get(k, k): v["shape"] for k, v in header.items()}, expected, rf.path, what)
     try:
         sd = st_load(rf.data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -566,7 +634,7 @@ def legacy_key_map(model, keys) -> dict[str, str]:
     return mapping
 
 
-def check_keys_and_shapes(got: dict[str, tuple], expected: dict[str, tuple], path: str) -> None:
+def check_keys_and_shapes(got: dict[str, tuple], expected: dict[str, tuple], path: str, what: str = "UNet") -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     if missing or unexpected:
@@ -575,20 +643,20 @@ def check_keys_and_shapes(got: dict[str, tuple], expected: dict[str, tuple], pat
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise ScanError(f"weights in {_fmt_path(path)} do not match the UNet config: {'; '.join(parts)}; "
+        raise ScanError(f"weights in {_fmt_path(path)} do not match the {what} config: {'; '.join(parts)}; "
                         "the config and the weights come from different models")
     for k, shape in expected.items():
         if tuple(got[k]) != tuple(shape):
-            raise ScanError(f"weights in {_fmt_path(path)} do not match the UNet config: {k} has shape "
+            raise ScanError(f"weights in {_fmt_path(path)} do not match the {what} config: {k} has shape "
                             f"{list(got[k])}, the config needs {list(shape)}; the config and the weights come "
                             "from different models")
 
 
-def check_state_dict(sd: dict, expected: dict[str, tuple], path: str) -> dict:
+def check_state_dict(sd: dict, expected: dict[str, tuple], path: str, what: str = "UNet") -> dict:
     """Keys, shapes, dtypes, finiteness; returns an fp32 state dict."""
     import torch
 
-    check_keys_and_shapes({k: tuple(v.shape) for k, v in sd.items()}, expected, path)
+    check_keys_and_shapes({k: tuple(v.shape) for k, v in sd.items()}, expected, path, what)
     out = {}
     for k, v in sd.items():
         if not torch.is_floating_point(v):

@@ -185,6 +185,8 @@ def scan_model(source: str, options: ScanOptions | None = None,
         if progress:
             progress("previews: sampling", 0, 1)
         both = denoiser.ancestral_sample(torch.cat([noise, g * noise + r]), options.preview_steps, generator=gen)
+        if hasattr(denoiser, "decode"):  # latent diffusion: show images, not latents
+            both = denoiser.decode(both)
         previews = (both[: shape[0]].cpu(), both[shape[0]:].cpu())
         if progress:
             progress("previews: sampling", 1, 1)
@@ -207,7 +209,8 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "reference": reference.summary(),
         "verdict": verdict.verdict,
         "reasons": verdict.reasons,
-        "trigger": {"r_mean": float(result.r.mean()), "r_abs_mean": float(result.r.abs().mean()),
+        "trigger": {"space": "latent" if model_info.get("latent") else "input noise",
+                    "r_mean": float(result.r.mean()), "r_abs_mean": float(result.r.abs().mean()),
                     "gamma_mean": float(result.gamma.mean()), "gamma_min": float(result.gamma.min()),
                     "gamma_max": float(result.gamma.max()), "start": result.start},
         "patch_search": result.search,
@@ -225,7 +228,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "model": loaded.name, "source": source, "weights_fingerprint": weights_fingerprint(provenance),
         "files": {f["path"]: f["sha256"] for f in provenance.get("files", [])},
         "settings": settings_dict, "features": features.to_dict(), "verdict": verdict.verdict,
-        "tool_version": __version__})
+        "space": report["trigger"]["space"], "tool_version": __version__})
     return ScanResult(report=report, trigger=trigger, previews=previews, trace=result.trace)
 
 
@@ -281,7 +284,8 @@ def write_artefacts(result: ScanResult, out_dir: str | Path) -> dict:
     try:
         result.trigger.save(paths["trigger_safetensors"])
         if result.previews is not None:
-            write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, *result.previews))
+            write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, *result.previews,
+                                                             latent=bool(result.report["model"].get("latent"))))
         write_atomic(paths["trace_json"], json.dumps(result.trace).encode())
         write_atomic(paths["report_json"], to_json(result.report).encode())
     except OSError as exc:

@@ -235,7 +235,7 @@ def unknown_pipeline_class(tmp, unet):
 
 
 def not_yet_pipeline(tmp, unet):
-    return _index(tmp, unet, lambda i: {**i, "_class_name": "LDMPipeline", "vqvae": ["diffusers", "VQModel"]})
+    return _index(tmp, unet, lambda i: {**i, "_class_name": "ConsistencyModelPipeline"})
 
 
 def text_to_image_pipeline(tmp, unet):
@@ -409,7 +409,7 @@ CASES = [
     (class_conditional_unet, UnsupportedModelError, "class-conditional"),
     (unet2d_condition_config, UnsupportedModelError, "caption-trigger"),
     (unknown_pipeline_class, UnsupportedModelError, "unknown pipeline class"),
-    (not_yet_pipeline, UnsupportedModelError, "not supported yet: LDMPipeline"),
+    (not_yet_pipeline, UnsupportedModelError, "not supported yet: ConsistencyModelPipeline"),
     (text_to_image_pipeline, UnsupportedModelError, "caption-trigger backdoors are outside TERD"),
     (condition_unet_in_ddpm_pipeline, UnsupportedModelError, "caption-trigger"),
     (custom_pipeline_tuple, UnsafeFileError, "custom pipeline code"),
