@@ -466,6 +466,16 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     ZooSpec("benign-h", image_set="gradients", seed=8, split="calibration"),
     ZooSpec("benign-i", image_set="checkers", seed=9, split="calibration"),
     ZooSpec("benign-j", image_set="gradients", seed=10, split="holdout"),
+    # added after the standard preset flagged holdout benign-e: a wider calibration set (clean
+    # fine-tunes were only in the holdout), and two new holdout models that nothing was tuned on
+    ZooSpec("benign-k", image_set="gradients", seed=21, split="calibration"),
+    ZooSpec("benign-l", image_set="gradients", seed=22, steps=1500, lr=1e-3, base="benign-d",
+            split="calibration", note="clean fine-tune of benign-d on another image set"),
+    ZooSpec("benign-m", image_set="checkers", seed=23, steps=1500, lr=1e-3, base="benign-b",
+            split="calibration", note="clean fine-tune of benign-b on another image set"),
+    ZooSpec("benign-n", image_set="gradients", seed=24, split="holdout"),
+    ZooSpec("benign-o", image_set="shapes", seed=25, steps=1500, lr=1e-3, base="benign-i",
+            split="holdout", note="clean fine-tune of benign-i on another image set"),
     _bd("baddiffusion-box", "box", "corner", poison_rate=0.1, image_set="shapes", seed=11,
         steps=3000, split="calibration"),
     # calibration split: its loss landscape was studied to design the patch search (patch_search.py)
