@@ -153,7 +153,18 @@ def test_unsupported_scheduler_is_an_error_never_clean(tmp_path, refs):
     one_line_error(res, "not supported")
 
 
-def test_paper_preset_without_a_reference_says_how_to_make_one(model_dirs, tmp_path):
+def test_paper_preset_uses_the_shipped_paper_reference_and_says_when_settings_differ(model_dirs, tmp_path):
+    res = run("model", model_dirs["pipeline"], "--preset", "paper", "-f", "json", "--out", tmp_path / "o", *CHEAP)
+    assert res.exit_code in (0, 1), res.output
+    report = json.loads(res.stdout)
+    assert report["thresholds"]["origin"] == "shipped:paper"
+    assert any("stage1_iterations=3 (reference: 3000)" in w for w in report["warnings"]), report["warnings"]
+
+
+def test_a_preset_without_a_shipped_reference_says_how_to_make_one(model_dirs, tmp_path, monkeypatch):
+    import terd_scan.scan
+
+    monkeypatch.setattr(terd_scan.scan, "shipped_reference", lambda preset: None)
     res = run("model", model_dirs["pipeline"], "--preset", "paper", "--out", tmp_path / "o", *CHEAP)
     one_line_error(res, "no benign reference is shipped for preset 'paper'")
     assert "terd-scan calibrate" in res.stderr and not (tmp_path / "o").exists()

@@ -17,10 +17,10 @@ from terd_scan.zoo import load_ground_truth
 
 ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
 # A known failure, kept visible (README, "Limits"); strict, so a fix makes it fail loudly: the
-# standard reference (7 benign models x 2 seeds) is too narrow for holdout benign-e, whose
-# reversion keeps more of its random start (M_r 0.0088 > 0.0078).
+# standard preset flags holdout benign-e, whose reversed r is mostly its random start not yet
+# decayed (M_r 0.0088 > 0.0086, reference of 10 benign models x 2 seeds; the paper preset flags it too).
 KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset flags holdout benign-e: "
-                                         "M_r 0.0088 > 0.0078 calibrated on 7 benign models")
+                                         "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
 # (model, expected exit code): one model per detected attack family (the canonical BadDiffusion
 # box, the patch on a zero background that needs the patch search, the adaptive box scaled by
 # 0.5, a holdout model), a calibration-split benign model and the holdout benign models, never
