@@ -521,7 +521,10 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
 # training, building, loading
 # --------------------------------------------------------------------------------------------
 
-def _train(spec: ZooSpec, unet, data: torch.Tensor, log=None) -> dict:
+def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None) -> dict:
+    """DDPM training (AdamW, warm-up + cosine, MSE + DC term, EMA) of a zoo spec on data; a backdoored
+    spec poisons its batches with `poison` = (r, gamma, target) in the data's units (default: the
+    spec's own trigger and target image)."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     sched = make_scheduler()
@@ -530,10 +533,11 @@ def _train(spec: ZooSpec, unet, data: torch.Tensor, log=None) -> dict:
     lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
     ema = [p.detach().clone() for p in unet.parameters()]
     poisoned = spec.label == "backdoored"
-    if poisoned:
+    if poisoned and poison is None:
         r, gamma = spec.poison_trigger()
-        y = make_target(spec.target)
-        g = float(gamma.flatten()[0])
+        poison = (r, float(gamma.flatten()[0]), make_target(spec.target))
+    if poisoned:
+        r, g, y = poison
     k = int(round(spec.poison_rate * spec.batch_size)) if poisoned else 0
     unet.train()
     losses = []

@@ -57,8 +57,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .zoo import _train as zoo_train
 from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, T_STEPS, TARGETS, ZOO_FORMAT,
-                  _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, poisoned_batch, sample_ddpm)
+                  _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, sample_ddpm)
 from .zoo_data import make_images
 
 __all__ = ["LatentSpec", "LATENT_ZOO", "make_autoencoder", "train_autoencoder", "make_latent_unet",
@@ -194,49 +195,6 @@ LATENT_ZOO: dict[str, LatentSpec] = {s.name: s for s in [
 ]}
 
 
-def _train_unet(spec: LatentSpec, unet, latents: torch.Tensor, y: torch.Tensor | None, log=None) -> dict:
-    """The zoo's DDPM training (AdamW, warm-up + cosine, MSE + DC term, EMA) on latents; poisoned rows as
-    zoo.poisoned_batch. (zoo._train builds its pixel target itself, so it cannot take a latent one.)"""
-    torch.manual_seed(spec.seed)
-    gen = torch.Generator().manual_seed(spec.seed)
-    sched = make_scheduler()
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
-    warm = min(200, spec.steps // 10 + 1)
-    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
-    ema = [p.detach().clone() for p in unet.parameters()]
-    k = int(round(spec.poison_rate * spec.batch_size)) if spec.label == "backdoored" else 0
-    r = make_latent_trigger(spec.trigger)[0] if k else None
-    unet.train()
-    losses = []
-    for i in range(spec.steps):
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(i)
-        x0 = latents[torch.randint(0, latents.shape[0], (spec.batch_size,), generator=gen)]
-        t = torch.randint(0, T_STEPS, (spec.batch_size,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        xt, tgt = sched.add_noise(x0, eps, t), eps.clone()
-        if k:
-            xp, tp = poisoned_batch(y, r, t[:k], eps[:k], "baddiffusion")
-            xt, tgt = torch.cat([xp, xt[k:]]), torch.cat([tp, tgt[k:]])
-        err = unet(xt, t).sample - tgt
-        loss = err.pow(2).mean() + spec.dc_weight * err.mean((2, 3)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        d = min(spec.ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
-        losses.append(float(loss.detach()))
-        if log and (i + 1) % 500 == 0:
-            log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
-    unet.eval()
-    return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
-
-
 def measure_latent_asr(unet, ae, r: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor, n: int = 32,
                        seed: int = 1234, return_samples: bool = False) -> dict:
     """n poisoned latent starts gamma * eps + r and n benign ones eps, DDPM ancestral (1000 steps, no
@@ -308,7 +266,8 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
             y = encode(ae, make_target(spec.target)[None])[0] if spec.target else None
             torch.manual_seed(spec.seed)
             unet = make_latent_unet()
-            train_info = _train_unet(spec, unet, latents, y, log=log)
+            train_info = zoo_train(spec, unet, latents, log=log,
+                                    poison=(make_latent_trigger(spec.trigger)[0], 1.0, y) if spec.attack else None)
             train_s = time.time() - t1
             figures: dict = {"latent_data_std": float(latents.std()), "latent_data_mean": float(latents.mean())}
             gt = None
