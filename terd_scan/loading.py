@@ -15,6 +15,9 @@ Layouts:
   DDIM repo         ckpt.pth of ermongroup/ddim / TrojDiff (a pickled list; --allow-pickle), the file or
                     its folder; architecture from --config or inferred from the weights (ddim_repo.py)
   score-SDE VE      any of the above with a ScoreSdeVeScheduler config and a Fourier-embedding UNet
+  consistency       ConsistencyModelPipeline folder: model_index.json + unet/ + scheduler/ with a
+                    CMStochasticIterativeScheduler (or any layout above with that scheduler config);
+                    unconditional only (a class-conditional UNet is refused)
   latent (LDM)      LDMPipeline folder: model_index.json + unet/ + scheduler/ + vqvae/ (VQModel, CompVis/ldm-*)
                     or vae/ (AutoencoderKL); the autoencoder goes through the same gate as the UNet
 """
@@ -284,7 +287,7 @@ def load_model(source: str, *, revision: str | None = None, token: str | None = 
 
     # UNet config: JSON data, checked before anything is built
     unet_cfg = reader.json(cfg_path, "config", "UNet config")
-    safety.check_unet_config(unet_cfg, reader.rel(cfg_path) if not config else config)
+    safety.check_unet_config(unet_cfg, reader.rel(cfg_path) if not config else config, pipeline_class)
 
     sched_cfg, schedule_origin = _scheduler_config(reader, sched, unet_cfg, reader.rel(cfg_path), notes)
     _check_family(pipeline_class, sched_cfg, unet_cfg, reader.rel(cfg_path))
@@ -409,7 +412,8 @@ def _scheduler_config(reader: _Reader, sched: str | None, unet_cfg: dict, cfg_wh
         sched_cfg = dict(sched_cfg)
         sched_cfg.setdefault("_class_name", "DDPMScheduler")
         schedule_origin = f"{reader.rel(sched)} ({sched_cfg['_class_name']})"
-        if "prediction_type" not in sched_cfg and sched_cfg["_class_name"] not in safety.VE_SCHEDULERS:
+        if "prediction_type" not in sched_cfg and sched_cfg["_class_name"] not in (safety.VE_SCHEDULERS
+                                                                                  | safety.CM_SCHEDULERS):
             notes.append("scheduler config has no prediction_type: diffusers' default 'epsilon' applies")
         return sched_cfg, schedule_origin
     if unet_cfg.get("time_embedding_type") == "fourier":
@@ -424,6 +428,19 @@ def _check_family(pipeline_class: str | None, sched_cfg: dict, unet_cfg: dict, w
     """The UNet, the scheduler and the pipeline must describe the same model family."""
     ve = sched_cfg.get("_class_name") in safety.VE_SCHEDULERS
     fourier = unet_cfg.get("time_embedding_type") == "fourier"
+    cm = sched_cfg.get("_class_name") in safety.CM_SCHEDULERS
+    if pipeline_class in safety.CM_PIPELINES and not cm:
+        raise UnsupportedModelError(f"not supported yet: {pipeline_class} with a {sched_cfg.get('_class_name')} "
+                                    "(terd-scan scans consistency models with CMStochasticIterativeScheduler only); "
+                                    "fix model_index.json or the scheduler config")
+    if cm and pipeline_class not in (None, *safety.CM_PIPELINES):
+        raise UnsupportedModelError(f"not supported: {pipeline_class} with a CMStochasticIterativeScheduler ({where}); "
+                                    "consistency models are scanned as ConsistencyModelPipeline: fix model_index.json "
+                                    "or the scheduler config")
+    if cm and fourier:
+        raise UnsupportedModelError(f"not supported: CMStochasticIterativeScheduler with a Fourier-embedding UNet "
+                                    f"({where}); diffusers' consistency pipeline calls the UNet with 250 ln sigma, "
+                                    "which needs a positional time embedding: fix the UNet or the scheduler config")
     if pipeline_class in safety.LATENT_PIPELINES and (ve or fourier):
         raise UnsupportedModelError(f"not supported: {pipeline_class} with a score-SDE VE UNet or scheduler ({where}); "
                                     "terd-scan scans latent models with a DDPM/DDIM beta schedule")

@@ -39,14 +39,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_REFUSAL_FIX = "convert to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
 
 # diffusers model_index classes
-SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline", "LDMPipeline"}
-NOT_YET_PIPELINES = {"ConsistencyModelPipeline", "KarrasVePipeline",
+SUPPORTED_PIPELINES = {"DDPMPipeline", "DDIMPipeline", "PNDMPipeline", "ScoreSdeVePipeline", "LDMPipeline",
+                       "ConsistencyModelPipeline"}
+NOT_YET_PIPELINES = {"KarrasVePipeline",
                      "LatentDiffusionUncondPipeline", "DanceDiffusionPipeline", "DiTPipeline"}
 # latent diffusion: the autoencoder of an LDMPipeline (CompVis/ldm-* name it "vqvae"; "vae" is accepted too)
 LATENT_PIPELINES = {"LDMPipeline"}
 AUTOENCODER_KEYS = ("vqvae", "vae")
 AUTOENCODER_CLASSES = {"VQModel", "AutoencoderKL"}
-SCANNED_PIPELINES = "DDPMPipeline, DDIMPipeline, PNDMPipeline, ScoreSdeVePipeline and LDMPipeline"
+SCANNED_PIPELINES = ("DDPMPipeline, DDIMPipeline, PNDMPipeline, ScoreSdeVePipeline, LDMPipeline and "
+                     "ConsistencyModelPipeline")
+# consistency models: the pipeline and the only scheduler it is scanned with (denoisers.ConsistencyDenoiser)
+CM_PIPELINES = {"ConsistencyModelPipeline"}
 # schedulers whose config is a DDPM-style beta schedule (the DDIM-compatible family)
 SUPPORTED_SCHEDULERS = {
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DEISMultistepScheduler",
@@ -57,7 +61,10 @@ SUPPORTED_SCHEDULERS = {
 }
 # score-SDE VE: a sigma schedule, scanned through its variance-preserving view (denoisers.VEDenoiser)
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
-NOT_YET_SCHEDULERS = {"KarrasVeScheduler", "CMStochasticIterativeScheduler",
+# consistency models: a Karras sigma grid and the consistency function's scalings (denoisers.ConsistencyDenoiser)
+CM_SCHEDULERS = {"CMStochasticIterativeScheduler"}
+CM_MIN_STEPS = 20
+NOT_YET_SCHEDULERS = {"KarrasVeScheduler",
                       "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler", "ScoreSdeVpScheduler"}
 TEXT_TO_IMAGE_MARKERS = ("StableDiffusion", "Kandinsky", "Text2", "Txt2", "Flux", "PixArt", "Sana",
                          "Wuerstchen", "LatentConsistency", "ControlNet", "UnCLIP", "Versatile", "AudioLDM")
@@ -65,7 +72,8 @@ TEXT_COMPONENTS = {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenize
                    "tokenizer_3", "feature_extractor", "image_encoder", "safety_checker", "transformer"}
 CAPTION_MSG = ("not covered: caption-trigger backdoors are outside TERD's noise-space threat model ({what} is a "
                "text-conditioned model); terd-scan scans unconditional UNet2DModel pipelines (DDPM, DDIM, PNDM, "
-               "score-SDE VE): check this model with a text-trigger backdoor defense instead")
+               "score-SDE VE, latent diffusion, consistency models): check this model with a text-trigger backdoor "
+               "defense instead")
 
 
 def _fmt_path(path: str) -> str:
@@ -258,7 +266,7 @@ def check_scheduler_class(cls, where: str) -> str:
     if not isinstance(cls, str):
         raise ScanError(f"{where}: scheduler _class_name must be a string, got {type(cls).__name__}; "
                         "expected e.g. \"DDPMScheduler\"")
-    if cls in VE_SCHEDULERS:
+    if cls in VE_SCHEDULERS or cls in CM_SCHEDULERS:
         return cls
     if cls in NOT_YET_SCHEDULERS:
         raise UnsupportedModelError(f"not supported yet: {cls} ({where}) has no DDPM beta schedule; "
@@ -285,6 +293,23 @@ def check_scheduler_config(cfg: dict, where: str) -> dict:
             raise ScanError(f"{where}: sigma_min must be below sigma_max; fix the scheduler config")
         if n < 2:
             raise ScanError(f"{where}: num_train_timesteps must be at least 2 for a VE sigma grid; fix the scheduler config")
+    if cls in CM_SCHEDULERS:
+        for k in ("sigma_min", "sigma_max", "sigma_data", "rho"):
+            v = cfg.get(k)
+            if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1e8):
+                raise ScanError(f"{where}: {k} must be a positive finite number, got {v!r:.40}; fix the scheduler config")
+        v = cfg.get("s_noise")
+        if v is not None and (not _is_number(v) or not 0.0 <= float(v) < 1e3):
+            raise ScanError(f"{where}: s_noise must be a finite number >= 0, got {v!r:.40}; fix the scheduler config")
+        v = cfg.get("clip_denoised")
+        if v is not None and not isinstance(v, bool):
+            raise ScanError(f"{where}: clip_denoised must be true or false, got {v!r:.40}; fix the scheduler config")
+        if float(cfg.get("sigma_min", 0.002)) >= float(cfg.get("sigma_max", 80.0)):
+            raise ScanError(f"{where}: sigma_min must be below sigma_max; fix the scheduler config")
+        if cfg.get("num_train_timesteps", 40) < CM_MIN_STEPS:
+            raise ScanError(f"{where}: num_train_timesteps must be at least {CM_MIN_STEPS} for a consistency model's "
+                            "sigma grid (the reversion probes its 10 largest and 10 smallest sigmas); fix the "
+                            "scheduler config (diffusers' default is 40)")
     for k in ("beta_start", "beta_end"):
         v = cfg.get(k)
         if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1.0):
@@ -311,8 +336,9 @@ def _is_number(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def check_unet_config(cfg: dict, where: str) -> dict:
-    """Type- and range-check a UNet2DModel config before anything is built."""
+def check_unet_config(cfg: dict, where: str, pipeline_class: str | None = None) -> dict:
+    """Type- and range-check a UNet2DModel config before anything is built (pipeline_class: the
+    model_index.json class, for family-specific messages)."""
     cls = cfg.get("_class_name")
     if cls == "UNet2DConditionModel" or "cross_attention_dim" in cfg or "encoder_hid_dim" in cfg:
         raise UnsupportedModelError(CAPTION_MSG.format(what=f"the UNet2DConditionModel in {where}"))
@@ -325,6 +351,13 @@ def check_unet_config(cfg: dict, where: str) -> dict:
                                         "terd-scan scans UNet2DModel denoisers")
         raise UnsafeFileError(f"{where}: _class_name {cls!r:.60} is not a diffusers class name; "
                               "terd-scan never runs code from a model repo")
+    if (cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None) \
+            and pipeline_class in CM_PIPELINES:
+        raise UnsupportedModelError(f"not supported: class-conditional consistency model in {where} (num_class_embeds="
+                                    f"{cfg.get('num_class_embeds')!r:.20}); TERD's threat model is the starting noise of "
+                                    "an unconditional sampler and terd-scan never invents class labels: scan an "
+                                    "unconditional consistency model (num_class_embeds null, e.g. "
+                                    "openai/diffusers-cd_bedroom256_lpips)")
     if cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None:
         raise UnsupportedModelError(f"not supported yet: class-conditional UNet in {where} (num_class_embeds/"
                                     "class_embed_type set); terd-scan scans unconditional models")

@@ -235,7 +235,8 @@ def unknown_pipeline_class(tmp, unet):
 
 
 def not_yet_pipeline(tmp, unet):
-    return _index(tmp, unet, lambda i: {**i, "_class_name": "ConsistencyModelPipeline"})
+    # ConsistencyModelPipeline is scanned since issue 6 (tests/test_consistency.py)
+    return _index(tmp, unet, lambda i: {**i, "_class_name": "KarrasVePipeline"})
 
 
 def text_to_image_pipeline(tmp, unet):
@@ -409,7 +410,7 @@ CASES = [
     (class_conditional_unet, UnsupportedModelError, "class-conditional"),
     (unet2d_condition_config, UnsupportedModelError, "caption-trigger"),
     (unknown_pipeline_class, UnsupportedModelError, "unknown pipeline class"),
-    (not_yet_pipeline, UnsupportedModelError, "not supported yet: ConsistencyModelPipeline"),
+    (not_yet_pipeline, UnsupportedModelError, "not supported yet: KarrasVePipeline"),
     (text_to_image_pipeline, UnsupportedModelError, "caption-trigger backdoors are outside TERD"),
     (condition_unet_in_ddpm_pipeline, UnsupportedModelError, "caption-trigger"),
     (custom_pipeline_tuple, UnsafeFileError, "custom pipeline code"),

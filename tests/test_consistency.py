@@ -1,0 +1,319 @@
+"""Consistency models (ConsistencyModelPipeline: UNet2DModel + CMStochasticIterativeScheduler): loading
+through the gate, the consistency function against diffusers' own scheduler, bad inputs, the report,
+and the verdicts on the committed consistency zoo models. Tiny random models only, except the zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fixtures_models as fm
+from terd_scan.denoisers import CM_KIND, ConsistencyDenoiser, make_denoiser
+from terd_scan.errors import UnsupportedModelError
+from terd_scan.loading import load_model
+from test_hub import cache  # noqa: F401  (fixture: a fresh Hub cache, no token)
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo-families"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small memory-bound ops
+
+CM_CONFIG = dict(num_train_timesteps=40, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0)
+
+
+def _scheduler(**kw):
+    from diffusers import CMStochasticIterativeScheduler
+
+    return CMStochasticIterativeScheduler(**{**CM_CONFIG, **kw})
+
+
+def _save_cm(path, unet=None, scheduler=None, safe_serialization=True):
+    """A ConsistencyModelPipeline folder (save_pretrained): model_index.json + unet/ + scheduler/."""
+    from diffusers import ConsistencyModelPipeline
+
+    fm._quiet()
+    unet = unet if unet is not None else fm.make_unet(0)
+    scheduler = scheduler if scheduler is not None else _scheduler(clip_denoised=True)  # diffusers' default
+    ConsistencyModelPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path),
+                                                                             safe_serialization=safe_serialization)
+    return str(path), unet
+
+
+def _diffusers_f(unet, sched, x, sigma: float):
+    """f(x, sigma) with diffusers' own scalings and timestep mapping (no clipping)."""
+    s = torch.tensor(sigma, dtype=torch.float64)
+    c_skip, c_out = sched.get_scalings_for_boundary_condition(s)
+    c_in = 1 / (s ** 2 + sched.config.sigma_data ** 2) ** 0.5
+    t = torch.tensor(float(sched.sigma_to_t(sigma)))
+    out = unet((x * c_in).float(), t).sample
+    return (c_out * out + c_skip * x).float()
+
+
+def test_cm_layout_loads_as_consistency_denoiser(tmp_path):
+    d, unet = _save_cm(tmp_path / "cm")
+    m = load_model(d)
+    assert m.pipeline_class == "ConsistencyModelPipeline"
+    assert m.scheduler_config["_class_name"] == "CMStochasticIterativeScheduler"
+    assert not any("prediction_type" in n for n in m.provenance.notes)  # no DDPM default is implied
+    roles = {f.path: f.role for f in m.provenance.files}
+    assert roles["unet/diffusion_pytorch_model.safetensors"] == "weights"
+    assert roles["scheduler/scheduler_config.json"] == "scheduler"
+    den = make_denoiser(m)
+    assert isinstance(den, ConsistencyDenoiser) and den.input_shape == (3, 8, 8)
+    info = den.info().to_dict()
+    assert info["kind"] == CM_KIND == "consistency model"
+    assert info["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
+    assert "multistep consistency sampling" in info["sampler"] and "one-step" in info["sampler"]
+    assert "no clipping" in info["sampler"] and info["num_train_timesteps"] == 40
+
+
+def test_consistency_function_matches_diffusers():
+    """The grid, f, eps and both samplers agree with CMStochasticIterativeScheduler (clip_denoised ignored)."""
+    unet = fm.make_unet(1)
+    sched = _scheduler(clip_denoised=True)
+    den = ConsistencyDenoiser(unet, dict(sched.config), "cpu")
+    # the grid: diffusers' Karras sigmas (descending) = ours reversed; the VP view of it
+    assert torch.allclose(den.sigmas.flip(0).double(), sched.sigmas.double(), rtol=1e-5)
+    assert torch.allclose(den.alphas_cumprod, 1 / (1 + den.sigmas.double() ** 2).float())
+    assert den.last_timesteps(10) == (30, 39) and float(den.sigmas[39]) == pytest.approx(80.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 39])
+    with torch.no_grad():
+        eps = den.eps(x, t)
+        for i, ti in enumerate(t.tolist()):
+            sigma = float(den.sigmas[ti])
+            x_ve = x[i:i + 1] * (1 + sigma ** 2) ** 0.5
+            f = _diffusers_f(unet, sched, x_ve.double(), sigma)
+            assert torch.allclose(eps[i:i + 1], (x_ve - f) / sigma, atol=1e-4, rtol=1e-4), ti
+        assert torch.equal(eps[0], torch.zeros_like(eps[0]))  # sigma_min: f(x) = x
+    # samplers: diffusers' loop with clip_denoised OFF (the denoiser never clips) and the same noise
+    x_T = 80.0 * torch.randn(4, 3, 8, 8, generator=g)
+    for steps in (1, 2, 3):
+        ref_sched = _scheduler(clip_denoised=False)
+        ref_sched.set_timesteps(steps)
+        assert den.sampling_sigmas(steps) == pytest.approx(ref_sched.sigmas[:-1].tolist(), rel=1e-5)
+        y = x_T.clone()
+        noise = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for tt in ref_sched.timesteps:
+                y = ref_sched.step(unet(ref_sched.scale_model_input(y, tt), tt).sample, tt, y, generator=noise).prev_sample
+            den._noise = torch.Generator().manual_seed(7)
+            mine = den.ddim_sample(den.normalise_noise(x_T), steps)
+        assert torch.allclose(mine, y, atol=2e-3, rtol=1e-3), (steps, (mine - y).abs().max())
+        if steps == 1:
+            with torch.no_grad():
+                assert torch.allclose(den.ancestral_sample(den.normalise_noise(x_T)), y, atol=2e-3, rtol=1e-3)
+    assert float(mine.abs().max()) > 1.0  # random weights: a clipping sampler would have clamped this
+    assert len(den.sampling_sigmas(10)) == 10 and den.ddim_sample is not None
+
+
+def test_stage2_sampler_is_differentiable_and_capped():
+    unet = fm.make_unet(2)
+    den = ConsistencyDenoiser(unet, dict(_scheduler().config), "cpu")
+    r = torch.zeros(3, 8, 8, requires_grad=True)
+    e = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = den.evaluations
+    x0 = den.ddim_sample(e + r, 10)  # the presets' 10 DDIM steps -> at most 4 consistency steps
+    assert den.evaluations - before == 2 * 4
+    x0.pow(2).sum().backward()
+    assert r.grad is not None and float(r.grad.abs().sum()) > 0
+    assert all(not p.requires_grad for p in den.unet.parameters())
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from terd_scan.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _edit(d, rel, **changes):
+    p = os.path.join(d, rel)
+    fm.write_json(p, {**fm.read_json(p), **changes})
+
+
+def _nan_weights(d):
+    from safetensors.torch import load_file, save_file
+
+    p = os.path.join(d, "unet", "diffusion_pytorch_model.safetensors")
+    sd = load_file(p)
+    k = next(iter(sd))
+    sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, p, metadata={"format": "pt"})
+
+
+def _pickle_weights(d):
+    fm.make_unet(0).save_pretrained(os.path.join(d, "unet"), safe_serialization=False)
+    os.remove(os.path.join(d, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def _ddpm_scheduler(d):
+    fm.make_scheduler().save_pretrained(os.path.join(d, "scheduler"))
+    _edit(d, "model_index.json", scheduler=["diffusers", "DDPMScheduler"])
+
+
+def _cm_in_ddpm_pipeline(d):
+    _edit(d, "model_index.json", _class_name="DDPMPipeline")
+
+
+BAD = [
+    ("class-conditional", lambda d: _edit(d, "unet/config.json", num_class_embeds=10),
+     "class-conditional consistency model"),
+    ("wrong-scheduler", _ddpm_scheduler, "ConsistencyModelPipeline with a DDPMScheduler"),
+    ("cm-scheduler-in-ddpm-pipeline", _cm_in_ddpm_pipeline, "DDPMPipeline with a CMStochasticIterativeScheduler"),
+    ("fourier-unet", lambda d: _edit(d, "unet/config.json", time_embedding_type="fourier"),
+     "Fourier-embedding UNet"),
+    ("nan-weights", _nan_weights, "contains NaN"),
+    ("pickle-without-allow-pickle", _pickle_weights, "is a pickle"),
+    ("sigma-order", lambda d: _edit(d, "scheduler/scheduler_config.json", sigma_min=100.0),
+     "sigma_min must be below sigma_max"),
+    ("bad-sigma-data", lambda d: _edit(d, "scheduler/scheduler_config.json", sigma_data=-0.5), "sigma_data"),
+    ("too-few-steps", lambda d: _edit(d, "scheduler/scheduler_config.json", num_train_timesteps=10),
+     "at least 20"),
+    ("clip-not-bool", lambda d: _edit(d, "scheduler/scheduler_config.json", clip_denoised="yes"), "clip_denoised"),
+]
+
+
+@pytest.mark.parametrize("name, breaker, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_cm_inputs_exit_2_with_one_line(tmp_path, name, breaker, needle):
+    d, _ = _save_cm(tmp_path / "cm")
+    breaker(d)
+    res = _cli("model", d, *CLI_CHEAP, "--out", tmp_path / "o")
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in res.output and err.startswith("error:"), err
+    assert needle in err, err
+    assert "verdict" not in res.stdout and not (tmp_path / "o").exists()
+
+
+def test_class_conditional_cm_names_the_fix(tmp_path):
+    d, _ = _save_cm(tmp_path / "cm")
+    _edit(d, "unet/config.json", num_class_embeds=1000)
+    with pytest.raises(UnsupportedModelError, match="scan an unconditional consistency model"):
+        load_model(d)
+
+
+def test_cm_from_the_hub(tmp_path, monkeypatch, cache):  # noqa: F811
+    """A Hub ConsistencyModelPipeline repo (loopback stand-in): the configs pass the gate first, then the
+    safetensors of the resolved commit is fetched and recorded with its hash."""
+    from fake_hub import FakeHub
+    from test_hub import _point_hub_at
+
+    d, unet = _save_cm(tmp_path / "cm")
+    hub = FakeHub()
+    hub.create_repo("org/cm-tiny")
+    sha = hub.commit("org/cm-tiny", d)
+    hub.start()
+    try:
+        _point_hub_at(monkeypatch, hub.url)
+        m = load_model("org/cm-tiny")
+    finally:
+        hub.stop()
+    assert m.provenance.resolved_commit == sha and m.pipeline_class == "ConsistencyModelPipeline"
+    assert {f.path for f in m.provenance.files if f.role == "weights"} == {"unet/diffusion_pytorch_model.safetensors"}
+    den = make_denoiser(m)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(den.unet(x, torch.tensor([1.0, 2.0])).sample, unet(x, torch.tensor([1.0, 2.0])).sample)
+
+
+def _lenient_reference(tmp_path):
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"format": "terd-scan-reference", "name": "t", "settings": {},
+                               "models": [{"mean_kl": 1e6, "var_kl": 1e6}, {"mean_kl": 1e6, "var_kl": 1e6}]}))
+    return str(ref)
+
+
+CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
+             "--sampler-steps", "2", "--device", "cpu", "-f", "json", "--no-patch-search"]
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True], ids=["safetensors", "pickle-allowed"])
+def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
+    d, _ = _save_cm(tmp_path / "cm", safe_serialization=not allow_pickle)
+    extra = ["--allow-pickle"] if allow_pickle else []
+    res = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    model = rep["model"]
+    assert model["kind"] == "consistency model" and model["pipeline_class"] == "ConsistencyModelPipeline"
+    assert model["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
+    assert model["sampler"].startswith("multistep consistency sampling")
+    assert model["input_shape"] == [3, 8, 8] and rep["trigger"]["space"] == "input noise"
+    assert rep["source"]["pickle_loaded"] is allow_pickle
+    assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep["timing"]["network_evaluations"] > 0
+
+
+# ------------------------------------------------------------------ the committed consistency zoo models
+
+ZOO_NAMES = ("cm-benign", "cm-baddiffusion-box")
+
+
+def _zoo_dirs():
+    dirs = [ZOO_DIR / n for n in ZOO_NAMES]
+    if not all((d / "terd-zoo.json").is_file() for d in dirs):
+        pytest.skip("consistency zoo models not built (python -m terd_scan.zoo_consistency build)")
+    return dirs
+
+
+def test_committed_cm_zoo_models():
+    from terd_scan.zoo import load_ground_truth, make_target
+    from terd_scan.zoo_consistency import measure_cm_asr
+
+    benign_dir, bd_dir = _zoo_dirs()
+    benign, bd = load_ground_truth(benign_dir), load_ground_truth(bd_dir)
+    assert benign["label"] == "benign" and benign["family"] == "consistency"
+    assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
+    assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
+    assert bd["measured"]["benign_target_rate"] == 0.0
+    for side, d in ((benign, benign_dir), (bd, bd_dir)):
+        assert side["split"] == "experimental" and side["size_bytes"] < 1_000_000
+        den = make_denoiser(load_model(str(d)))
+        assert isinstance(den, ConsistencyDenoiser) and den.input_shape == (3, 16, 16)
+    # the recorded ASR is reproducible from the committed files (8 samples of the same rule)
+    den = make_denoiser(load_model(str(bd_dir)))
+    m = measure_cm_asr(den.unet, bd["trigger_r"], make_target(bd["target"]), n=8)
+    assert m["asr"] >= 0.875 and m["benign_target_rate"] == 0.0
+    # and the denoiser's own one-step previews land on the target from the trigger
+    z = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = den.ancestral_sample(den.normalise_noise(80.0 * (z + bd["trigger_r"])))
+    assert float((out - bd["target_image"]).pow(2).flatten(1).mean(1).max()) < 0.1
+
+
+# The shipped `fast` reference (16 px pixel-space DDPM zoo) judges the CMs: the KL features are per
+# dimension of the normalised starting noise, so the thresholds (M_r 0.020, V_r 0.00054) carry over.
+# Measured with these settings (seed 0, 1 thread, about 50 s per scan): cm-baddiffusion-box M_r 0.132,
+# V_r 0.257 (flagged); cm-benign M_r 0.129, V_r 0.248 (flagged too: a false positive). On a CM the
+# pair loss near sigma_max is about 1000x smaller than on the DDPM zoo (denoisers.py, "Measured limit"),
+# r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
+# apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
+# strict xfail so that a fix shows up here.
+ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
+
+
+@pytest.mark.parametrize("name, code", [
+    pytest.param("cm-benign", 0, marks=pytest.mark.xfail(
+        strict=True, reason="benign CM flagged under fast (M_r 0.129, V_r 0.248): r barely moves on a CM")),
+    ("cm-baddiffusion-box", 1),
+])
+def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
+    _zoo_dirs()
+    res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
+    assert res.exit_code in (0, 1), res.output
+    rep = json.loads(res.stdout)
+    assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]
+    assert rep["model"]["pipeline_class"] == "ConsistencyModelPipeline" and not rep["warnings"]
+    assert rep["settings"]["preset"] == "fast" and rep["settings"]["stage1_iterations"] == 200
+    f, th = rep["features"], rep["thresholds"]
+    assert res.exit_code == code, (f, th)
+    if code == 1:  # far over, not at the edge
+        assert f["mean_kl"] > 5 * th["mean_kl"] and f["var_kl"] > 5 * th["var_kl"], f
+    else:
+        assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
