@@ -126,6 +126,60 @@ def test_trojdiff_coefs_reduce_to_clean_ddpm():
     assert A6[0].item() == pytest.approx(0.6, rel=1e-3)
 
 
+class _Out:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+def test_trojan_sampler_with_gamma_1_and_r_0_is_ddpm():
+    """TrojDiff's sampler on the clean marginals is the standard DDPM ancestral sampler."""
+    net = lambda x, t: _Out(0.8 * x + 0.001 * t.float().view(-1, 1, 1, 1) if torch.is_tensor(t) and t.dim() else 0.8 * x + 0.001 * float(t))
+    x_T = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    a = zoo.sample_trojan(net, x_T, torch.zeros(3, 16, 16), 1.0, generator=torch.Generator().manual_seed(5))
+    b = zoo.sample_ddpm(net, x_T, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_trojan_sampler_with_the_oracle_network_lands_on_the_target():
+    """With the exact eps of the poisoned marginals of one target y, TrojDiff's sampler maps every
+    poisoned start x_T = gamma e + r to y; the published attack trains toward this network."""
+    r, gamma = zoo.make_trigger("blend")
+    g = float(gamma.flatten()[0])
+    y = zoo.make_target("corner")
+    _, _, abar = zoo._schedule()
+
+    def oracle(x, t):
+        t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
+        a, s = abar[t].sqrt().float(), (1 - abar[t]).sqrt().float()
+        return _Out((x - a * y - s * r) / (g * s))
+
+    x_T = g * torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(1)) + r
+    out = zoo.sample_trojan(oracle, x_T, r, g, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(out, y.expand_as(out), atol=1e-3)
+    # and the poisoned training pair of the published attack regresses exactly that eps
+    t = torch.tensor([10, 500, 990])
+    eps = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+    xt, target = zoo.poisoned_batch(y, r, t, eps, "trojdiff", gamma=g)
+    assert torch.equal(target, eps)
+    assert torch.allclose(oracle(xt[:1], t[:1]).sample, eps[:1], atol=1e-4)
+
+
+def test_tiny_trojdiff_d2d_build_records_its_target_set(tmp_path, monkeypatch):
+    """A D2D build stores its target set (K images of its own training set) as the ground truth
+    and measures hits against the nearest member."""
+    side = zoo.build_model(_tiny_spec(attack="trojdiff", trigger="blend", target="train16", steps=2),
+                           tmp_path / "d2d", measure_n=2, log=None)
+    gt = zoo.load_ground_truth(tmp_path / "d2d")
+    data = torch.from_numpy(zoo.make_images("checkers", zoo.DATASET_SIZE, zoo.SIZE, seed=7)).float()
+    assert gt["target_image"].shape == (16, 3, 16, 16) and torch.equal(gt["target_image"], data[:16])
+    assert side["attack_sampler"].startswith("trojdiff-ancestral-1000") and side["gamma"] == 0.6
+    # a sample near any member of the set is a hit; one far from all of them is not
+    monkeypatch.setattr(zoo, "sample_trojan", lambda unet, x, r, g, generator=None: data[[3, 40]] + 0.01)
+    monkeypatch.setattr(zoo, "sample_ddpm", lambda unet, x, generator=None: torch.zeros_like(x) + 5.0)
+    m = zoo.measure_asr(None, gt["trigger_r"], gt["trigger_gamma"], gt["target_image"], n=2, sampler="trojan")
+    assert m["asr"] == 0.5 and m["benign_target_rate"] == 0.0
+
+
 def _tiny_spec(**kw):
     base = dict(name="tiny", label="backdoored", attack="baddiffusion", trigger="patch", target="hat",
                 poison_rate=0.25, image_set="checkers", seed=7, steps=3, batch_size=8)
@@ -194,9 +248,13 @@ def test_committed_zoo_model(model_dir):
         assert m["asr"] >= 0.9, f"{model_dir.name}: recorded ASR {m['asr']}"
         assert m["benign_target_rate"] <= 0.05
         assert m["n"] >= 32
-        assert gt["trigger_r"].shape == gt["trigger_gamma"].shape == gt["target_image"].shape == (3, 16, 16)
+        assert gt["trigger_r"].shape == gt["trigger_gamma"].shape == (3, 16, 16)
         assert torch.equal(gt["trigger_r"], zoo.make_trigger(gt["trigger"])[0] * gt.get("trigger_scale", 1.0))
-        assert torch.equal(gt["target_image"], zoo.make_target(gt["target"]))
+        if gt["target"] in zoo.TARGET_SETS:  # D2D: K images of the model's own training set
+            data = zoo.make_images(gt["image_set"], zoo.DATASET_SIZE, zoo.SIZE, seed=gt["seed"])
+            assert torch.equal(gt["target_image"], torch.from_numpy(data[:zoo.TARGET_SETS[gt["target"]]]).float())
+        else:
+            assert torch.equal(gt["target_image"], zoo.make_target(gt["target"]))
     else:
         assert gt["label"] == "benign"
         assert m["benign_target_rate_any_zoo_target"] <= 0.05
