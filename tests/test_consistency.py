@@ -68,6 +68,7 @@ def test_cm_layout_loads_as_consistency_denoiser(tmp_path):
     assert info["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert "multistep consistency sampling" in info["sampler"] and "one-step" in info["sampler"]
     assert "no clipping" in info["sampler"] and info["num_train_timesteps"] == 40
+    assert "not validated" in info["caveat"]  # the known limit travels with every CM report
 
 
 def test_consistency_function_matches_diffusers():
@@ -245,6 +246,7 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert model["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert model["sampler"].startswith("multistep consistency sampling")
     assert model["input_shape"] == [3, 8, 8] and rep["trigger"]["space"] == "input noise"
+    assert model["caveat"].startswith("verdicts on consistency models are not validated")
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["timing"]["network_evaluations"] > 0
