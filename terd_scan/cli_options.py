@@ -38,6 +38,9 @@ ClipOpt = Annotated[Optional[float], typer.Option("--grad-clip", min=0.0, help="
 PatchSearchOpt = Annotated[Optional[bool], typer.Option("--patch-search/--no-patch-search",
                                                        help="Override: search for sparse patch triggers "
                                                             "(on in standard and fast, off in paper).")]
+NarrowSearchOpt = Annotated[Optional[bool], typer.Option("--narrow-search/--no-narrow-search",
+                                                         help="Override: probe narrow starting noise for TrojDiff-like "
+                                                              "triggers (on in standard and fast, off in paper).")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit.")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token \\[default: $HF_TOKEN].", show_default=False)]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hugging Face cache folder.")]
@@ -47,7 +50,8 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle wei
 
 
 def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
-                 l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None, **extra):
+                 l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None,
+                 narrow_search=None, **extra):
     from .scan import ScanOptions
 
     return ScanOptions(
@@ -56,6 +60,7 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
         allow_pickle=allow_pickle, config=str(config) if config else None,
         overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
                        batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
-                       l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search), **extra)
+                       l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
+                       narrow_search=narrow_search), **extra)
 
 

@@ -29,6 +29,13 @@ class ReversionSettings:
     patch_size: float = 0.25
     patch_amplitude: float = 2.0
     patch_pairs: int = 8
+    # Global proposal for triggers that narrow the starting noise (TrojDiff; narrow_search.py); off
+    # in `paper`. A stage-1 descent of narrow_iterations on r from 0 with gamma held at narrow_gamma,
+    # then the narrow-basin test on narrow_pairs noise pairs.
+    narrow_search: bool = False
+    narrow_gamma: float = 0.5
+    narrow_iterations: int = 60
+    narrow_pairs: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,9 +49,9 @@ class ReversionSettings:
 PRESETS: dict[str, ReversionSettings] = {
     "paper": ReversionSettings(),
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1,
-                                  patch_search=True),
+                                  patch_search=True, narrow_search=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
-                              patch_search=True),
+                              patch_search=True, narrow_search=True),
 }
 DEFAULT_PRESET = "standard"
 

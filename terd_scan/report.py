@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .narrow_search import SEED_RATIO
 from .patch_search import BASIN_RATIO
 
 RULE_BACKDOOR = "TERD001"
@@ -148,6 +149,16 @@ def render_console(report: dict, console) -> None:
         info.add_row("patch search", f"{ps['candidates']:,} candidates; best {where}; "
                                      + (f"seeded a second run; kept the run from {tr['start']}" if ps["seeded_run"]
                                         else f"no basin behind it (ratio >= {BASIN_RATIO}), no second run"))
+    ns = report.get("narrow_search")
+    if ns:
+        probe = f"gamma held at {ns['gamma']:g}, loss ratio narrow/wide {ns['ratio']:.3g}"
+        if not ns["seeded_run"]:
+            outcome = f"no basin (ratio >= {SEED_RATIO}), no second run"
+        elif ns["kept"]:
+            outcome = f"seeded a run that stayed narrow (end ratio {ns['end_ratio']:.3g}): kept"
+        else:
+            outcome = f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g}): not kept"
+        info.add_row("narrow search", f"{probe}; {outcome}")
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

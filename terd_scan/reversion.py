@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from .detection import kl_features
+from .narrow_search import KEEP_RATIO, narrow_ratio, search_narrow_seed
 from .pair_loss import pair_loss
 from .patch_search import search_patch_seed
 from .presets import ReversionSettings
@@ -25,6 +26,8 @@ class ReversionResult:
     network_evaluations: int = 0
     search: dict | None = None  # the patch search's best candidate and the runs it led to
     start: str = ""  # where the chosen run started
+    narrow: dict | None = None  # the narrow-noise search: its probe, test and seeded run
+    runs: list[dict] = field(default_factory=list)  # every run: start, features, chosen
 
 
 # progress(stage_name, iterations_done, iterations_total)
@@ -37,12 +40,17 @@ def _timesteps(lo: int, hi: int, n: int, generator: torch.Generator, device) -> 
 
 def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                     progress: Progress | None = None) -> ReversionResult:
-    """Run stage 1 and stage 2 from the paper's start r = -U[0,1); with settings.patch_search,
+    """Run stage 1 and stage 2 from the paper's start r = -U[0,1). With settings.patch_search,
     also search for a sparse patch trigger (patch_search.py) and, when a candidate has a basin
-    behind it, run both stages again from it. The run whose KL is most concentrated (largest
-    variance over dimensions) is the result: a run with no basin to hold it spreads back toward
-    N(0, I). Benign references are calibrated with the same procedure. Deterministic given the
-    seed and the device."""
+    behind it, run both stages again from it; with settings.narrow_search, probe narrow starting
+    noise (narrow_search.py) and, when the loss falls as the noise narrows, run both stages from
+    there with gamma learned.
+
+    The result: a narrow-seeded run whose end point still passes the narrow test; otherwise the
+    run whose KL is most concentrated (largest variance over dimensions): a run with no basin to
+    hold it spreads back toward N(0, I). Each search draws from its own generator, so where the
+    narrow search does not fire the result is the same as without it. Benign references are calibrated with the same
+    procedure. Deterministic given the seed and the device."""
     s = settings
     device = denoiser.device
     start_evals = denoiser.evaluations
@@ -64,20 +72,46 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if found.has_basin:  # the loss falls as the patch grows
             runs.append(_two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress,
                                        f"patch seed at ({found.top}, {found.left})", " (patch seed)"))
+    narrow = None
+    narrow_index, narrow_kept = None, False
+    narrow_seconds = 0.0
+    if s.narrow_search:
+        t0 = time.perf_counter()
+        if progress:
+            progress("narrow-noise search", 0, 1)
+        narrow_gen = torch.Generator(device=device).manual_seed(seed + 2_000_003)
+        probe = search_narrow_seed(denoiser, s.narrow_gamma, s.narrow_iterations, s.lr, s.l1_weight, s.batch_size,
+                                   s.narrow_pairs, s.timestep_window, narrow_gen)
+        narrow_seconds = time.perf_counter() - t0
+        if progress:
+            progress("narrow-noise search", 1, 1)
+        narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
+        if probe.has_basin:  # the loss falls as the noise narrows
+            run = _two_stage_run(denoiser, s, probe.r, narrow_gen, progress, f"narrow-noise seed (gamma {probe.gamma:g})",
+                                 " (narrow seed)", gamma_start=probe.gamma)
+            end_ratio = narrow_ratio(denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen)
+            narrow.update(end_ratio=round(end_ratio, 4), kept=end_ratio < KEEP_RATIO)
+            runs.append(run)
+            narrow_index, narrow_kept = len(runs) - 1, narrow["kept"]
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
     features = [kl_features(run.r, run.gamma) for run in runs]
-    chosen = max(range(len(runs)), key=lambda i: features[i].var_kl)
+    if narrow_kept:
+        chosen = narrow_index
+    else:  # an unkept narrow run never wins
+        chosen = max((i for i in range(len(runs)) if i != narrow_index), key=lambda i: features[i].var_kl)
     seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
-               "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds}
+               "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds,
+               "narrow_search": narrow_seconds}
+    run_list = [{"start": run.start, **f.to_dict(), "chosen": i == chosen}
+                for i, (run, f) in enumerate(zip(runs, features))]
     if search is not None:
-        search["runs"] = [{"start": run.start, **f.to_dict(), "chosen": i == chosen}
-                          for i, (run, f) in enumerate(zip(runs, features))]
+        search["runs"] = run_list
     best = runs[chosen]
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
-                           start=best.start)
+                           start=best.start, narrow=narrow, runs=run_list)
 
 
 @dataclass
@@ -90,12 +124,12 @@ class _Run:
 
 
 def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: torch.Generator,
-                   progress: Progress | None, start: str, label: str) -> _Run:
-    """TERD's stage 1 and stage 2 from r_start, gamma = 1; label is appended to progress names."""
+                   progress: Progress | None, start: str, label: str, gamma_start: float = 1.0) -> _Run:
+    """TERD's stage 1 and stage 2 from (r_start, gamma_start); label is appended to progress names."""
     device = denoiser.device
     shape = denoiser.input_shape
     r = r_start.detach().clone().requires_grad_(True)
-    gamma = torch.ones(shape, device=device).requires_grad_(True)
+    gamma = torch.full(shape, float(gamma_start), device=device).requires_grad_(True)
     late = denoiser.last_timesteps(s.timestep_window)
     early = (0, s.timestep_window - 1)
     trace: dict[str, list[float]] = {"stage": [], "loss": [], "r_l1_mean": [], "gamma_mean": []}

@@ -48,6 +48,10 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     search = report["patch_search"]  # 2x2 patches (a quarter of the side) at 7 x 7 positions, both signs
     assert search["candidates"] == 98 and search["height"] == search["width"] == 2
     assert report["settings"]["patch_search"] is True and report["trigger"]["start"]
+    narrow = report["narrow_search"]  # probed at gamma 0.5; whether it seeds a run is the model's business
+    assert report["settings"]["narrow_search"] is True and narrow["gamma"] == 0.5 and narrow["iterations"] == 60
+    assert isinstance(narrow["seeded_run"], bool) and narrow["ratio"] > 0 and narrow["network_evaluations"] > 0
+    assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
     assert json.loads((out / "report.json").read_text())["verdict"] == "clean"
@@ -59,13 +63,14 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert (out / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_no_patch_search_flag(model_dirs, refs, tmp_path):
+def test_no_patch_search_and_no_narrow_search_flags(model_dirs, refs, tmp_path):
     res = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"],
-              "--no-patch-search", *CHEAP)
+              "--no-patch-search", "--no-narrow-search", *CHEAP)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["patch_search"] is None and report["settings"]["patch_search"] is False
-    assert report["trigger"]["start"].startswith("paper")
+    assert report["narrow_search"] is None and report["settings"]["narrow_search"] is False
+    assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
 
 def test_backdoored_verdict_exits_1_and_fail_on_never_exits_0(model_dirs, refs, tmp_path):

@@ -41,13 +41,29 @@ def test_recovers_a_box_trigger_and_flags_it_against_a_benign_model():
 def test_deterministic_given_seed_and_frozen_network():
     unet = AnalyticUNet(box_trigger(), corner_target())
     den = DDPMDenoiser(unet, SCHEDULE)
-    settings = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False)
+    settings = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False,
+                            narrow_search=False)
     a = reverse_trigger(den, settings, seed=3)
     b = reverse_trigger(den, settings, seed=3)
     assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
     assert all(not p.requires_grad for p in unet.parameters()) and not unet.training
     assert a.network_evaluations == 20 * 2 * 16 + 2 * (16 * 10 + 2 * 2 * 16)
     assert len(a.trace["loss"]) == 22 and a.trace["stage"].count(2) == 2
+
+
+def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
+    """On a model trained on gamma = 1 only, narrowing the noise raises the loss: the probe seeds
+    nothing, costs its iterations and the test's pairs, and the result is the one without it."""
+    den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
+    base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False)
+    without = reverse_trigger(den, base, seed=1)
+    narrow = base.override(narrow_search=True)
+    with_probe = reverse_trigger(den, narrow, seed=1)
+    assert torch.equal(with_probe.r, without.r) and torch.equal(with_probe.gamma, without.gamma)
+    assert with_probe.narrow["seeded_run"] is False and with_probe.narrow["ratio"] > 1.0
+    probe_evals = narrow.narrow_iterations * 2 * narrow.batch_size + 2 * 2 * narrow.narrow_pairs
+    assert with_probe.network_evaluations - without.network_evaluations == probe_evals
+    assert [run["chosen"] for run in with_probe.runs] == [True] and without.narrow is None
 
 
 def test_gamma_respects_its_floor():
@@ -112,7 +128,8 @@ def test_patch_search_finds_a_sparse_trigger_the_paper_start_misses():
 def test_patch_search_on_a_benign_model_seeds_nothing():
     den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
     before = den.evaluations
-    res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1), seed=0)
+    res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1, narrow_search=False),
+                          seed=0)
     assert res.search["seeded_run"] is False and res.search["ratio"] >= BASIN_RATIO
     assert res.start.startswith("paper") and len(res.search["runs"]) == 1
     searched = res.search["candidates"] * 2 * 2 * FAST.patch_pairs  # 2 amplitudes x a pair per noise
