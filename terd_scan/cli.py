@@ -128,6 +128,9 @@ def model_command(
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
     allow_pickle: PickleOpt = False,
+    unvalidated: Annotated[bool, typer.Option(
+        "--unvalidated", help="Also reverse model kinds whose verdicts are not validated (consistency models), "
+                              "for research; without it they exit 2.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
 ) -> None:
     """Reverse the trigger of a diffusion model and tell whether it is backdoored."""
@@ -138,7 +141,8 @@ def model_command(
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            patch_search=patch_search, narrow_search=narrow_search,
-                           reference=str(reference) if reference else None, preview_steps=preview_steps)
+                           reference=str(reference) if reference else None, preview_steps=preview_steps,
+                           unvalidated=unvalidated)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal
     with progress_bars(show_progress) as progress:
         result = scan_model(source, options, progress=progress)

@@ -20,7 +20,7 @@ import torch
 from . import TOOL_NAME, __version__
 from .denoisers import make_denoiser
 from .detection import judge, kl_features
-from .errors import ScanError
+from .errors import ScanError, UnsupportedModelError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
 from .reference import Reference, shipped_reference
 from .report import to_json, trigger_image, write_atomic
@@ -42,6 +42,9 @@ class ScanOptions:
     config: str | None = None
     preview_samples: int = 6
     preview_steps: int = 1000  # DDPM ancestral steps for the images in trigger.png (0: no previews)
+    # Also reverse families whose verdicts are not validated (denoiser info carries a caveat: consistency
+    # models); the caveat then goes into the report's warnings. Off: such a model is refused (exit 2).
+    unvalidated: bool = False
 
 
 @dataclass
@@ -119,6 +122,10 @@ def reverse_model(source: str, options: ScanOptions,
     settings_dict = scan_settings(options)
     loaded = loaded or load_source(source, options)
     denoiser = make_denoiser(loaded, settings_dict["device"])
+    caveat = denoiser.info().caveat
+    if caveat and not options.unvalidated:  # before the expensive part
+        raise UnsupportedModelError(f"not supported yet for a verdict ({denoiser.info().kind}): {caveat}; "
+                                    "pass --unvalidated to reverse it anyway for research (its verdict is not evidence)")
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
     return Reversed(loaded, denoiser, settings_dict, result, kl_features(result.r, result.gamma))
@@ -194,6 +201,8 @@ def scan_model(source: str, options: ScanOptions | None = None,
     provenance = loaded.provenance.to_dict()
     warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
                 for mm in [reference.mismatches(settings_dict)] if mm]
+    if denoiser.info().caveat:  # scanned with --unvalidated
+        warnings.append(denoiser.info().caveat)
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
                   "pipeline_class": loaded.pipeline_class}
     report = {

@@ -238,7 +238,11 @@ CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-
 def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     d, _ = _save_cm(tmp_path / "cm", safe_serialization=not allow_pickle)
     extra = ["--allow-pickle"] if allow_pickle else []
-    res = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    refused = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "n")
+    assert refused.exit_code == 2 and "not supported yet for a verdict" in refused.output, refused.output
+    assert "--unvalidated" in refused.output and not (tmp_path / "n").exists()
+    res = _cli("model", d, *CLI_CHEAP, *extra, "--unvalidated", "--reference", _lenient_reference(tmp_path),
+               "--out", tmp_path / "o")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     model = rep["model"]
@@ -247,6 +251,7 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert model["sampler"].startswith("multistep consistency sampling")
     assert model["input_shape"] == [3, 8, 8] and rep["trigger"]["space"] == "input noise"
     assert model["caveat"].startswith("verdicts on consistency models are not validated")
+    assert rep["warnings"] == [model["caveat"]]
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["timing"]["network_evaluations"] > 0
@@ -296,8 +301,8 @@ def test_committed_cm_zoo_models():
 # pair loss near sigma_max is about 1000x smaller than on the DDPM zoo (denoisers.py, "Measured limit"),
 # r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
 # apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
-# strict xfail so that a fix shows up here.
-ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
+# strict xfail so that a fix shows up here. Without --unvalidated a CM is refused (exit 2, tested above).
+ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json", "--unvalidated"]
 
 
 @pytest.mark.parametrize("name, code", [
@@ -311,7 +316,7 @@ def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]
-    assert rep["model"]["pipeline_class"] == "ConsistencyModelPipeline" and not rep["warnings"]
+    assert rep["model"]["pipeline_class"] == "ConsistencyModelPipeline" and rep["warnings"] == [rep["model"]["caveat"]]
     assert rep["settings"]["preset"] == "fast" and rep["settings"]["stage1_iterations"] == 200
     f, th = rep["features"], rep["thresholds"]
     assert res.exit_code == code, (f, th)
