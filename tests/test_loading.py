@@ -129,7 +129,7 @@ def test_revision_on_local_path_is_an_error(model_dirs):
 def test_unsupported_is_not_scan_clean(tmp_path, tiny_unet):
     d = fm.save_pipeline(tmp_path / "p", tiny_unet)
     idx = fm.read_json(os.path.join(d, "model_index.json"))
-    idx["_class_name"] = "ConsistencyModelPipeline"  # ScoreSdeVePipeline is scanned since issue 6 (test_families)
+    idx["_class_name"] = "KarrasVePipeline"  # VE, latent and consistency pipelines load since issue 6
     fm.write_json(os.path.join(d, "model_index.json"), idx)
     with pytest.raises(UnsupportedModelError, match="not supported yet"):
         load_model(d)
