@@ -30,11 +30,11 @@ class ReversionSettings:
     patch_amplitude: float = 2.0
     patch_pairs: int = 8
     # Global proposal for triggers that narrow the starting noise (TrojDiff; narrow_search.py); off
-    # in `paper`. A stage-1 descent of narrow_iterations on r from 0 with gamma held at narrow_gamma,
-    # then the narrow-basin test on narrow_pairs noise pairs.
+    # in `paper`. Per-channel constant offsets (every sign pattern x narrow_amplitudes) at each gamma
+    # of narrow_gammas, scored on narrow_pairs noise pairs (forward passes only).
     narrow_search: bool = False
-    narrow_gamma: float = 0.5
-    narrow_iterations: int = 60
+    narrow_gammas: tuple = (0.8, 0.6, 0.4, 0.2)
+    narrow_amplitudes: tuple = (0.2, 0.4)
     narrow_pairs: int = 16
 
     def to_dict(self) -> dict:

@@ -151,7 +151,8 @@ def render_console(report: dict, console) -> None:
                                         else f"no basin behind it (ratio >= {BASIN_RATIO}), no second run"))
     ns = report.get("narrow_search")
     if ns:
-        probe = f"gamma held at {ns['gamma']:g}, loss ratio narrow/wide {ns['ratio']:.3g}"
+        probe = (f"{ns['candidates']} candidates; best offset {ns['offset']} at gamma {ns['gamma']:g}, "
+                 f"loss ratio narrow/wide {ns['ratio']:.3g}")
         if not ns["seeded_run"]:
             outcome = f"no basin (ratio >= {SEED_RATIO}), no second run"
         elif ns["kept"]:

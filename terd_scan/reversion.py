@@ -80,14 +80,15 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if progress:
             progress("narrow-noise search", 0, 1)
         narrow_gen = torch.Generator(device=device).manual_seed(seed + 2_000_003)
-        probe = search_narrow_seed(denoiser, s.narrow_gamma, s.narrow_iterations, s.lr, s.l1_weight, s.batch_size,
-                                   s.narrow_pairs, s.timestep_window, narrow_gen)
+        probe = search_narrow_seed(denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs,
+                                   s.timestep_window, narrow_gen)
         narrow_seconds = time.perf_counter() - t0
         if progress:
             progress("narrow-noise search", 1, 1)
         narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
         if probe.has_basin:  # the loss falls as the noise narrows
-            run = _two_stage_run(denoiser, s, probe.r, narrow_gen, progress, f"narrow-noise seed (gamma {probe.gamma:g})",
+            run = _two_stage_run(denoiser, s, probe.r, narrow_gen, progress,
+                                 f"narrow-noise seed (offset {probe.summary()['offset']}, gamma {probe.gamma:g})",
                                  " (narrow seed)", gamma_start=probe.gamma)
             end_ratio = narrow_ratio(denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen)
             narrow.update(end_ratio=round(end_ratio, 4), kept=end_ratio < KEEP_RATIO)

@@ -48,8 +48,9 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     search = report["patch_search"]  # 2x2 patches (a quarter of the side) at 7 x 7 positions, both signs
     assert search["candidates"] == 98 and search["height"] == search["width"] == 2
     assert report["settings"]["patch_search"] is True and report["trigger"]["start"]
-    narrow = report["narrow_search"]  # probed at gamma 0.5; whether it seeds a run is the model's business
-    assert report["settings"]["narrow_search"] is True and narrow["gamma"] == 0.5 and narrow["iterations"] == 60
+    narrow = report["narrow_search"]  # 8 sign patterns x 2 amplitudes x 4 gammas; seeding is the model's business
+    assert report["settings"]["narrow_search"] is True and narrow["candidates"] == 64
+    assert narrow["gamma"] in (0.8, 0.6, 0.4, 0.2) and len(narrow["offset"]) == 3
     assert isinstance(narrow["seeded_run"], bool) and narrow["ratio"] > 0 and narrow["network_evaluations"] > 0
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):

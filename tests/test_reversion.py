@@ -52,8 +52,8 @@ def test_deterministic_given_seed_and_frozen_network():
 
 
 def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
-    """On a model trained on gamma = 1 only, narrowing the noise raises the loss: the probe seeds
-    nothing, costs its iterations and the test's pairs, and the result is the one without it."""
+    """On a model trained on gamma = 1 only, narrowing the noise raises the loss: the search seeds
+    nothing, costs its forward passes, and the result is the one without it."""
     den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
     base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False)
     without = reverse_trigger(den, base, seed=1)
@@ -61,7 +61,9 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     with_probe = reverse_trigger(den, narrow, seed=1)
     assert torch.equal(with_probe.r, without.r) and torch.equal(with_probe.gamma, without.gamma)
     assert with_probe.narrow["seeded_run"] is False and with_probe.narrow["ratio"] > 1.0
-    probe_evals = narrow.narrow_iterations * 2 * narrow.batch_size + 2 * 2 * narrow.narrow_pairs
+    offsets = 2 ** 3 * len(narrow.narrow_amplitudes)  # every channel sign pattern x amplitudes
+    probe_evals = offsets * (1 + len(narrow.narrow_gammas)) * 2 * narrow.narrow_pairs  # forward passes only
+    assert with_probe.narrow["candidates"] == offsets * len(narrow.narrow_gammas)
     assert with_probe.network_evaluations - without.network_evaluations == probe_evals
     assert [run["chosen"] for run in with_probe.runs] == [True] and without.narrow is None
 
