@@ -18,7 +18,7 @@ from terd_scan.pair_loss import pair_losses
 from terd_scan.scan import ScanOptions, load_source
 from terd_scan.zoo import load_ground_truth
 
-SCALES = (0.0, 0.5, 1.0)
+SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 GAMMAS = (1.0, 0.8, 0.6, 0.4, 0.2)
 
 

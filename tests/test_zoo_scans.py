@@ -23,9 +23,9 @@ KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset fl
                                          "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
 # (model, expected exit code): one model per detected attack family (the canonical BadDiffusion
 # box, the patch on a zero background that needs the patch search, the adaptive box scaled by
-# 0.5, a holdout model), a calibration-split benign model and the holdout benign models, never
-# used for calibration or tuning.
-BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5"]
+# 0.5, TrojDiff's blend that needs the narrow-noise search; the last two are holdout models), a
+# calibration-split benign model and the holdout benign models, never used for calibration or tuning.
+BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend"]
 CASES = [(name, 1) for name in BACKDOORED] + [("benign-a", 0), ("benign-f", 0),
                                               pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
 
@@ -55,13 +55,18 @@ def test_zoo_verdict(scans, name, expected):
     assert report["warnings"] == []
 
 
+# TrojDiff's r is recovered less exactly (standard: cosine 0.77, gamma learned 0.6-0.75 for a true
+# 0.6; benchmarks/results/quality-fast-standard.json), the others above 0.88.
+MIN_COSINE = {"trojdiff-blend": 0.7}
+
+
 @pytest.mark.parametrize("name", BACKDOORED)
 def test_recovered_trigger_correlates_with_the_true_one(scans, name):
     _, _, out = scans(name)
     r = Trigger.load(out / "trigger.safetensors").r
     true_r = load_ground_truth(ZOO / name)["trigger_r"]
     cos = float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0))
-    assert cos > 0.8, f"recovered r has cosine {cos:.3f} with the true trigger"
+    assert cos > MIN_COSINE.get(name, 0.8), f"recovered r has cosine {cos:.3f} with the true trigger"
 
 
 def test_patch_trigger_is_found_by_the_patch_search(scans):
@@ -69,6 +74,18 @@ def test_patch_trigger_is_found_by_the_patch_search(scans):
     search = report["patch_search"]
     assert (search["top"], search["left"]) == (11, 11) and search["seeded_run"]
     assert report["trigger"]["start"] == "patch seed at (11, 11)"
+
+
+def test_trojdiff_trigger_is_found_by_the_narrow_search(scans):
+    """TrojDiff narrows the starting noise (gamma 0.6): the screen seeds a run, the run keeps a
+    narrow gamma, and it is the result; on a benign model the screen seeds nothing."""
+    _, report, _ = scans("trojdiff-blend")
+    narrow = report["narrow_search"]
+    assert narrow["seeded_run"] and narrow["kept"] and narrow["end_ratio"] < 0.8
+    assert report["trigger"]["start"].startswith("narrow-noise seed")
+    assert 0.5 < report["trigger"]["gamma_mean"] < 0.85
+    _, benign, _ = scans("benign-a")
+    assert benign["narrow_search"]["seeded_run"] is False and benign["trigger"]["start"].startswith("paper")
 
 
 @pytest.mark.parametrize("name", BACKDOORED)
