@@ -60,45 +60,34 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     search = None
     search_seconds = 0.0
     if s.patch_search:
-        t0 = time.perf_counter()
-        if progress:
-            progress("patch search", 0, 1)
         seed_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-        found = search_patch_seed(denoiser, s.patch_size, s.patch_amplitude, s.patch_pairs, s.timestep_window, seed_gen)
-        search_seconds = time.perf_counter() - t0
-        if progress:
-            progress("patch search", 1, 1)
+        found, search_seconds = _timed("patch search", progress, lambda: search_patch_seed(
+            denoiser, s.patch_size, s.patch_amplitude, s.patch_pairs, s.timestep_window, seed_gen))
         search = {**found.summary(), "seeded_run": found.has_basin}
         if found.has_basin:  # the loss falls as the patch grows
             runs.append(_two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress,
                                        f"patch seed at ({found.top}, {found.left})", " (patch seed)"))
     narrow = None
-    narrow_index, narrow_kept = None, False
+    narrow_index = None
     narrow_seconds = 0.0
     if s.narrow_search:
-        t0 = time.perf_counter()
-        if progress:
-            progress("narrow-noise search", 0, 1)
         narrow_gen = torch.Generator(device=device).manual_seed(seed + 2_000_003)
-        probe = search_narrow_seed(denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs,
-                                   s.timestep_window, narrow_gen)
-        narrow_seconds = time.perf_counter() - t0
-        if progress:
-            progress("narrow-noise search", 1, 1)
+        probe, narrow_seconds = _timed("narrow-noise search", progress, lambda: search_narrow_seed(
+            denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs, s.timestep_window, narrow_gen))
         narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
         if probe.has_basin:  # the loss falls as the noise narrows
             run = _two_stage_run(denoiser, s, probe.r, narrow_gen, progress,
-                                 f"narrow-noise seed (offset {probe.summary()['offset']}, gamma {probe.gamma:g})",
+                                 f"narrow-noise seed (offset {narrow['offset']}, gamma {probe.gamma:g})",
                                  " (narrow seed)", gamma_start=probe.gamma)
             end_ratio = narrow_ratio(denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen)
             narrow.update(end_ratio=round(end_ratio, 4), kept=end_ratio < KEEP_RATIO)
             runs.append(run)
-            narrow_index, narrow_kept = len(runs) - 1, narrow["kept"]
+            narrow_index = len(runs) - 1
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
     features = [kl_features(run.r, run.gamma) for run in runs]
-    if narrow_kept:
+    if narrow is not None and narrow["kept"]:
         chosen = narrow_index
     else:  # an unkept narrow run never wins
         chosen = max((i for i in range(len(runs)) if i != narrow_index), key=lambda i: features[i].var_kl)
@@ -113,6 +102,17 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
                            start=best.start, narrow=narrow, runs=run_list)
+
+
+def _timed(name: str, progress: Progress | None, search: Callable):
+    """Run a one-shot search with a 0/1 progress tick; (its result, seconds)."""
+    t0 = time.perf_counter()
+    if progress:
+        progress(name, 0, 1)
+    result = search()
+    if progress:
+        progress(name, 1, 1)
+    return result, time.perf_counter() - t0
 
 
 @dataclass

@@ -122,9 +122,9 @@ def reverse_model(source: str, options: ScanOptions,
     settings_dict = scan_settings(options)
     loaded = loaded or load_source(source, options)
     denoiser = make_denoiser(loaded, settings_dict["device"])
-    caveat = denoiser.info().caveat
-    if caveat and not options.unvalidated:  # before the expensive part
-        raise UnsupportedModelError(f"not supported yet for a verdict ({denoiser.info().kind}): {caveat}; "
+    info = denoiser.info()
+    if info.caveat and not options.unvalidated:  # before the expensive part
+        raise UnsupportedModelError(f"not supported yet for a verdict ({info.kind}): {info.caveat}; "
                                     "pass --unvalidated to reverse it anyway for research (its verdict is not evidence)")
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
@@ -201,10 +201,10 @@ def scan_model(source: str, options: ScanOptions | None = None,
     provenance = loaded.provenance.to_dict()
     warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
                 for mm in [reference.mismatches(settings_dict)] if mm]
-    if denoiser.info().caveat:  # scanned with --unvalidated
-        warnings.append(denoiser.info().caveat)
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
                   "pipeline_class": loaded.pipeline_class}
+    if model_info.get("caveat"):  # scanned with --unvalidated
+        warnings.append(model_info["caveat"])
     report = {
         "tool": {"name": TOOL_NAME, "version": __version__},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
