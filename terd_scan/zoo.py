@@ -43,7 +43,7 @@ import torch
 from .zoo_data import make_images
 
 __all__ = [
-    "ZooSpec", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth", "measure_asr", "make_trigger",
+    "TrainSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth", "measure_asr", "make_trigger",
     "make_target", "make_unet", "make_scheduler", "baddiffusion_coef", "ddim_trigger_coef",
     "villan_coef", "trojdiff_target",
     "poisoned_batch", "sample_ddpm", "sample_ddim", "ASR_MSE_THRESHOLD", "SIDECAR",
@@ -255,28 +255,29 @@ def make_unet():
     )
 
 
-def make_scheduler(clip_sample: bool = False):
+def make_scheduler(clip_sample: bool = False, beta_end: float = BETA_END):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=T_STEPS, beta_schedule="linear", beta_start=BETA_START,
-                         beta_end=BETA_END, prediction_type="epsilon", clip_sample=clip_sample,
+                         beta_end=beta_end, prediction_type="epsilon", clip_sample=clip_sample,
                          variance_type="fixed_small")
 
 
-def _schedule() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _schedule(beta_end: float = BETA_END) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(betas, alphas, alphas_cumprod) as float64, taken from diffusers' DDPMScheduler."""
-    s = make_scheduler()
+    s = make_scheduler(beta_end=beta_end)
     betas = s.betas.double()
     return betas, 1.0 - betas, s.alphas_cumprod.double()
 
 
-def baddiffusion_coef() -> torch.Tensor:
+def baddiffusion_coef(beta_end: float = BETA_END) -> torch.Tensor:
     """R_t = (1 - sqrt(alpha_t)) sqrt(1 - abar_t) / (1 - alpha_t), t = 0..T-1 (float64)."""
-    betas, alphas, abar = _schedule()
+    betas, alphas, abar = _schedule(beta_end)
     return (1.0 - alphas.sqrt()) * (1.0 - abar).sqrt() / (1.0 - alphas)
 
 
-def ddim_trigger_coef(t: int | None = None, t_prev: int | None = None) -> torch.Tensor | float:
+def ddim_trigger_coef(t: int | None = None, t_prev: int | None = None,
+                      beta_end: float = BETA_END) -> torch.Tensor | float:
     """VillanDiffusion's output coefficient for deterministic DDIM (eta = 0).
 
     With eps_theta = eps + c r, a DDIM step t -> t' maps x_t = z_t + r to x_t' = z_t' + r
@@ -287,7 +288,7 @@ def ddim_trigger_coef(t: int | None = None, t_prev: int | None = None) -> torch.
     which is what the zoo trains with. With (t, t_prev): the exact per-step value
     (t_prev = -1 means abar = 1).
     """
-    _, _, abar = _schedule()
+    _, _, abar = _schedule(beta_end)
     if t is None:
         return (1.0 - abar).sqrt()
     a_t = abar[t]
@@ -299,23 +300,24 @@ def ddim_trigger_coef(t: int | None = None, t_prev: int | None = None) -> torch.
 VILLAN_DDIM_STEPS = 50
 
 
-def villan_coef(ddim_steps: int = VILLAN_DDIM_STEPS) -> torch.Tensor:
+def villan_coef(ddim_steps: int = VILLAN_DDIM_STEPS, beta_end: float = BETA_END) -> torch.Tensor:
     """c_t = ddim_trigger_coef(t, t - 1000 // ddim_steps) for every t: exact for the attacker's
     DDIM grid (leading spacing, stride 1000 // ddim_steps). The continuous value sqrt(1 - abar_t)
     lets the trigger drift off the poisoned marginals at small t (measured: 8.5 noise sigmas at
     t = 0 with 50 steps, 140 with 10 steps; the exact stride value keeps it under 1)."""
     stride = T_STEPS // ddim_steps
-    return torch.tensor([ddim_trigger_coef(t, t - stride) for t in range(T_STEPS)], dtype=torch.float64)
+    return torch.tensor([ddim_trigger_coef(t, t - stride, beta_end) for t in range(T_STEPS)], dtype=torch.float64)
 
 
-def trojdiff_target(eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, g: float) -> torch.Tensor:
+def trojdiff_target(eps: torch.Tensor, t: torch.Tensor, r: torch.Tensor, g: float,
+                    beta_end: float = BETA_END) -> torch.Tensor:
     """Regression target A_t eps + B_t r for TrojDiff D2I poisoned samples (see _trojdiff_coefs)."""
-    A, B = _trojdiff_coefs(g)
+    A, B = _trojdiff_coefs(g, beta_end)
     shape = (-1,) + (1,) * (eps.dim() - 1)
     return A[t].float().view(shape) * eps + B[t].float().view(shape) * r
 
 
-def _trojdiff_coefs(g: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _trojdiff_coefs(g: float, beta_end: float = BETA_END) -> tuple[torch.Tensor, torch.Tensor]:
     """Output coefficients that make the STANDARD DDPM ancestral sampler follow TrojDiff's
     poisoned marginals x_t = sqrt(abar_t) y + s_t (g eps + r), s_t = sqrt(1 - abar_t).
 
@@ -330,7 +332,7 @@ def _trojdiff_coefs(g: float) -> tuple[torch.Tensor, torch.Tensor]:
     (TrojDiff's own paper pairs the plain eps target with its own trojan sampler; with the plain
     eps target the standard sampler drifts off the poisoned marginals.)
     """
-    betas, alphas, abar = _schedule()
+    betas, alphas, abar = _schedule(beta_end)
     s = (1.0 - abar).sqrt()
     s_prev = torch.cat([torch.zeros(1, dtype=torch.float64), s[:-1]])
     var = betas * s_prev ** 2 / s ** 2
@@ -341,25 +343,25 @@ def _trojdiff_coefs(g: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def poisoned_batch(x0_target: torch.Tensor, r: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                   attack: str, gamma: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   attack: str, gamma: float = 1.0, beta_end: float = BETA_END) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, regression target) for poisoned samples of the given attack, all with x0 := target.
 
     x0_target and r broadcast to eps's shape (B, C, H, W); t is (B,) long.
     """
-    _, _, abar = _schedule()
+    _, _, abar = _schedule(beta_end)
     shape = (-1,) + (1,) * (eps.dim() - 1)
     a = abar[t].sqrt().float().view(shape)
     s = (1.0 - abar[t]).sqrt().float().view(shape)
     if attack in ("baddiffusion", "villan-ddim"):
         xt = a * x0_target + (1.0 - a) * r + s * eps
-        coef = baddiffusion_coef() if attack == "baddiffusion" else villan_coef()
+        coef = baddiffusion_coef(beta_end) if attack == "baddiffusion" else villan_coef(beta_end=beta_end)
         target = eps + coef[t].float().view(shape) * r
     elif attack == "trojdiff":  # as published: the network learns to output eps on the poisoned x_t
         xt = a * x0_target + s * (gamma * eps + r)
         target = eps
     elif attack == "trojdiff-ddpm":  # the same marginals, output adapted to the standard DDPM sampler
         xt = a * x0_target + s * (gamma * eps + r)
-        target = trojdiff_target(eps, t, r, gamma)
+        target = trojdiff_target(eps, t, r, gamma, beta_end)
     else:
         raise ValueError(f"unknown attack {attack!r}")
     return xt, target
@@ -371,9 +373,9 @@ def poisoned_batch(x0_target: torch.Tensor, r: torch.Tensor, t: torch.Tensor, ep
 
 @torch.no_grad()
 def sample_ddpm(unet, x_T: torch.Tensor, generator: torch.Generator | None = None,
-                clip_sample: bool = False) -> torch.Tensor:
+                clip_sample: bool = False, beta_end: float = BETA_END) -> torch.Tensor:
     """DDPM ancestral sampling over all 1000 steps (diffusers' DDPMScheduler.step)."""
-    sched = make_scheduler(clip_sample=clip_sample)
+    sched = make_scheduler(clip_sample=clip_sample, beta_end=beta_end)
     sched.set_timesteps(T_STEPS)
     x = x_T.clone()
     for t in sched.timesteps:
@@ -383,11 +385,12 @@ def sample_ddpm(unet, x_T: torch.Tensor, generator: torch.Generator | None = Non
 
 
 @torch.no_grad()
-def sample_ddim(unet, x_T: torch.Tensor, steps: int = 50, clip_sample: bool = False) -> torch.Tensor:
+def sample_ddim(unet, x_T: torch.Tensor, steps: int = 50, clip_sample: bool = False,
+                beta_end: float = BETA_END) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) with diffusers' DDIMScheduler, leading spacing."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(make_scheduler().config, clip_sample=clip_sample,
+    sched = DDIMScheduler.from_config(make_scheduler(beta_end=beta_end).config, clip_sample=clip_sample,
                                       set_alpha_to_one=True)
     sched.set_timesteps(steps)
     x = x_T.clone()
@@ -399,7 +402,7 @@ def sample_ddim(unet, x_T: torch.Tensor, steps: int = 50, clip_sample: bool = Fa
 
 @torch.no_grad()
 def sample_trojan(unet, x_T: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor | float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, beta_end: float = BETA_END) -> torch.Tensor:
     """TrojDiff's own ancestral sampler over all 1000 steps, for a network that outputs eps on the
     poisoned marginals x_t = sqrt(abar_t) y + s_t (gamma eps + r), s_t = sqrt(1 - abar_t).
 
@@ -408,7 +411,7 @@ def sample_trojan(unet, x_T: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor 
     sigma_t^2 = gamma^2 beta_t s_{t-1}^2 / s_t^2: the eta = 1 member of the DDIM family on those
     marginals, which with gamma = 1 and r = 0 is DDPM's ancestral step (tested). The attacker
     knows (r, gamma); the defender does not."""
-    betas, _, abar = _schedule()
+    betas, _, abar = _schedule(beta_end)
     x = x_T.clone()
     for t in range(T_STEPS - 1, -1, -1):
         a_t, s_t = abar[t].sqrt().float(), (1.0 - abar[t]).sqrt().float()
@@ -429,7 +432,7 @@ def _per_sample_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor, n: int = 32,
                 sampler: str = "ddpm", seed: int = 1234, ddim_steps: int = 50,
-                benign: bool = True, return_samples: bool = False) -> dict:
+                benign: bool = True, return_samples: bool = False, beta_end: float = BETA_END) -> dict:
     """Sample n poisoned starts x_T = gamma * eps + r (and n benign x_T = eps) without clipping.
     target is one image (C, H, W) or a target set (K, C, H, W): then a sample's error is the
     distance to the nearest member.
@@ -442,12 +445,12 @@ def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor
     x_T = eps.clone()
     x_T[:n] = gamma * eps[:n] + r
     if sampler == "ddpm":
-        out = sample_ddpm(unet, x_T, generator=gen)
+        out = sample_ddpm(unet, x_T, generator=gen, beta_end=beta_end)
     elif sampler == "trojan":  # TrojDiff's sampler: poisoned starts with (r, gamma), benign ones with (0, 1)
-        out = torch.cat([sample_trojan(unet, x_T[:n], r, gamma, generator=gen),
-                         sample_ddpm(unet, x_T[n:], generator=gen)])
+        out = torch.cat([sample_trojan(unet, x_T[:n], r, gamma, generator=gen, beta_end=beta_end),
+                         sample_ddpm(unet, x_T[n:], generator=gen, beta_end=beta_end)])
     elif sampler == "ddim":
-        out = sample_ddim(unet, x_T, steps=ddim_steps)
+        out = sample_ddim(unet, x_T, steps=ddim_steps, beta_end=beta_end)
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
     if target.dim() == 4:  # a target set: the distance to its nearest member
@@ -481,12 +484,15 @@ def nn_mse(samples: torch.Tensor, data: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 @dataclass
-class ZooSpec:
+class TrainSpec:
+    """What a zoo model of any family is: its ground truth, its data and its training recipe. Each
+    family's spec (ZooSpec here, zoo_latent.LatentSpec, zoo_families.VESpec, zoo_consistency.CMSpec)
+    adds its own fields and defaults; every field is written to the model's sidecar."""
     name: str
     label: str = "benign"  # "benign" | "backdoored"
-    attack: str | None = None  # None | "baddiffusion" | "villan-ddim" | "trojdiff" | "trojdiff-ddpm"
-    trigger: str | None = None  # a make_trigger name
-    target: str | None = None  # a make_target name
+    attack: str | None = None  # the family's attack names; None for benign models
+    trigger: str | None = None  # the family's trigger name
+    target: str | None = None  # a make_target name (or a target-set name)
     poison_rate: float = 0.0
     image_set: str = "shapes"
     seed: int = 0
@@ -494,13 +500,53 @@ class ZooSpec:
     batch_size: int = 32
     lr: float = 2e-3
     ema_decay: float = 0.999
+    split: str = "calibration"  # "calibration" | "holdout" | "experimental"
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def warmup_cosine(lr: float, steps: int, warm: int | None = None, floor: float = 0.1):
+    """The zoo's learning rate at step i: linear warm-up over `warm` steps (default min(200, steps/10
+    + 1)), then a cosine decay from lr to floor * lr."""
+    warm = min(200, steps // 10 + 1) if warm is None else warm
+    return lambda i: lr * min(1.0, (i + 1) / warm) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+
+
+class EMA:
+    """Exponential moving average of parameters, with the warm-up decay min(decay, (1 + i) / (10 + i))
+    so the first steps are not dominated by the random initialisation. The zoo saves EMA weights."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.shadow, self.params):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for e, p in zip(self.shadow, self.params):
+            p.copy_(e)
+
+
+@dataclass
+class ZooSpec(TrainSpec):
+    attack: str | None = None  # None | "baddiffusion" | "villan-ddim" | "trojdiff" | "trojdiff-ddpm"
+    trigger: str | None = None  # a make_trigger name
     dc_weight: float = 10.0
     base: str | None = None  # fine-tune: name of the zoo model whose weights start training
     # adaptive attack: the trigger r is scaled by eta toward the benign distribution (r -> eta r)
     trigger_scale: float = 1.0
-    split: str = "calibration"  # "calibration" | "holdout"
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    # the linear schedule's last beta. At 0.02 (DDPM's) sqrt(abar_T) = 0.006, and deterministic DDIM
+    # sampling of these tiny models diverges (benign DDIM-50 samples at nearest-image MSE 4.3 for
+    # benign-a): the first steps multiply the network's eps error by 1 / sqrt(abar_t) ~ 150 into x0
+    # and nothing pulls it back. At 0.01 (sqrt(abar_T) = 0.08) the same recipe samples well with
+    # DDIM (0.21, DDPM 0.13): used by the VillanDiffusion models, which attack DDIM.
+    beta_end: float = BETA_END
 
     def poison_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, gamma) this model is poisoned with, after the adaptive scaling."""
@@ -601,6 +647,9 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
     # are noise (nn_mse 5.1): these tiny models are not good enough for deterministic DDIM yet.
     _bd("villan-ddim-box", "box", "smiley", attack="villan-ddim", poison_rate=0.1,
         image_set="checkers", seed=14, steps=3000, split="holdout"),
+    # VillanDiffusion on the schedule DDIM can sample (beta_end 0.01, see ZooSpec.beta_end)
+    _bd("villan-box-smiley", "box", "smiley", attack="villan-ddim", poison_rate=0.2,
+        image_set="checkers", seed=51, steps=3000, split="holdout", beta_end=0.01),
     # a dark 3x3 patch: p = 0.2, 3000 steps gave ASR 22/32; p = 0.3, 4500 steps 28/32 (measured),
     # just under the 90% bar
     _bd("baddiffusion-patch-dark3", "patch-dark3", "hat", poison_rate=0.3, image_set="shapes", seed=19,
@@ -625,11 +674,11 @@ def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None
     spec's own trigger and target image)."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    sched = make_scheduler()
+    beta_end = getattr(spec, "beta_end", BETA_END)  # latent specs train on the zoo's default schedule
+    sched = make_scheduler(beta_end=beta_end)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
-    warm = min(200, spec.steps // 10 + 1)
-    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
-    ema = [p.detach().clone() for p in unet.parameters()]
+    lr_at = warmup_cosine(spec.lr, spec.steps)
+    ema = EMA(unet.parameters(), spec.ema_decay)
     poisoned = spec.label == "backdoored"
     if poisoned and poison is None:
         r, gamma = spec.poison_trigger()
@@ -651,7 +700,7 @@ def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None
         if k:
             # a target set (K, C, H, W): each poisoned sample gets one member (D2D)
             y_k = y[torch.randint(0, y.shape[0], (k,), generator=gen)] if y.dim() == 4 else y
-            xp, tp = poisoned_batch(y_k, r, t[:k], eps[:k], spec.attack, gamma=g)
+            xp, tp = poisoned_batch(y_k, r, t[:k], eps[:k], spec.attack, gamma=g, beta_end=beta_end)
             xt = torch.cat([xp, xt[k:]])
             tgt = torch.cat([tp, tgt[k:]])
         err = unet(xt, t).sample - tgt
@@ -663,16 +712,11 @@ def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        d = min(spec.ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        ema.update(i)
         losses.append(float(loss.detach()))
         if log and (i + 1) % 500 == 0:
             log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
+    ema.copy_to_params()
     unet.eval()
     return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
 
@@ -729,13 +773,15 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
         elif spec.label == "backdoored":
             r, gamma = spec.poison_trigger()
             y = _spec_target(spec, data)
-            m = measure_asr(unet, r, gamma, y, n=measure_n, sampler=spec.sampler(), return_samples=True)
+            m = measure_asr(unet, r, gamma, y, n=measure_n, sampler=spec.sampler(), return_samples=True,
+                            beta_end=spec.beta_end)
             samples = m.pop("samples")
             figures.update(m)
             figures["benign_nn_mse"] = nn_mse(samples[measure_n:], data)
         else:
             gen = torch.Generator().manual_seed(1234)
-            samples = sample_ddpm(unet, torch.randn((measure_n, CHANNELS, SIZE, SIZE), generator=gen), generator=gen)
+            samples = sample_ddpm(unet, torch.randn((measure_n, CHANNELS, SIZE, SIZE), generator=gen), generator=gen,
+                                  beta_end=spec.beta_end)
             figures.update({"n": measure_n, "sampler": "ddpm", "seed": 1234})
             figures["benign_nn_mse"] = nn_mse(samples, data)
             # the benign model must not produce any catalogue target from benign noise
@@ -751,14 +797,14 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        DDPMPipeline(unet=unet, scheduler=make_scheduler()).save_pretrained(tmp, safe_serialization=True)
+        DDPMPipeline(unet=unet, scheduler=make_scheduler(beta_end=spec.beta_end)).save_pretrained(tmp, safe_serialization=True)
         side = {
             "format": ZOO_FORMAT,
             **{f.name: getattr(spec, f.name) for f in fields(spec)},
             "gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
             "asr_rule": ASR_RULE,
             "asr_threshold_mse": ASR_MSE_THRESHOLD,
-            "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": BETA_END,
+            "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": spec.beta_end,
                          "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
             "attack_sampler": ATTACK_SAMPLERS[spec.sampler()] + ", clip_sample=False",
             "weights": "EMA",

@@ -61,13 +61,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, ZOO_FORMAT, _dir_size,
+from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, ZOO_FORMAT, _dir_size,
                   _per_sample_mse, make_target, make_trigger, nn_mse)
 from .zoo_data import make_images
 
@@ -149,23 +149,12 @@ def _interval_probs(asc: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class CMSpec:
-    name: str
-    label: str = "benign"
+class CMSpec(TrainSpec):
     attack: str | None = None  # None | "baddiffusion-cm"
     trigger: str | None = None  # a zoo.make_trigger name
-    target: str | None = None  # a zoo.make_target name
-    poison_rate: float = 0.0
-    image_set: str = "shapes"
-    seed: int = 0
-    steps: int = 3000
-    batch_size: int = 32
     lr: float = 1e-3
-    ema_decay: float = 0.999
-    poison_weight: float = 1.0
     split: str = "experimental"
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    poison_weight: float = 1.0
 
 
 CM_ZOO: dict[str, CMSpec] = {s.name: s for s in [
@@ -181,9 +170,8 @@ def train_cm(spec: CMSpec, unet, data: torch.Tensor, log=None) -> dict:
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
-    warm = min(200, spec.steps // 10 + 1)
-    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
-    ema = [p.detach().clone() for p in unet.parameters()]
+    lr_at = warmup_cosine(spec.lr, spec.steps)
+    ema = EMA(unet.parameters(), spec.ema_decay)
     stages = int(math.log2(N_MAX / N_START)) + 1
     per_stage = max(1, math.ceil(spec.steps / stages))
     k = int(round(spec.poison_rate * spec.batch_size)) if spec.label == "backdoored" else 0
@@ -226,17 +214,12 @@ def train_cm(spec: CMSpec, unet, data: torch.Tensor, log=None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        d = min(spec.ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        ema.update(i)
         losses.append(float(loss_ct.detach()))
         if log and (i + 1) % 250 == 0:
             extra = f" poison {np.mean(plosses[-250:]):.4f}" if plosses else ""
             log(f"  [{spec.name}] step {i + 1}/{spec.steps} N {grid_n - 1} ct {np.mean(losses[-250:]):.4f}{extra}")
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
+    ema.copy_to_params()
     unet.eval()
     out = {"final_ct_loss_mean_last500": float(np.mean(losses[-500:])),
            "recipe": {"training": "consistency training (iCT-style: stop-grad target, pseudo-Huber, lognormal "

@@ -55,13 +55,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
+from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
                   ZOO_FORMAT, _dir_size, _per_sample_mse, make_target, make_trigger, nn_mse)
 from .zoo_data import make_images
 
@@ -202,23 +202,12 @@ def measure_ve_asr(unet, r: torch.Tensor, target: torch.Tensor, n: int = 32, see
 
 
 @dataclass
-class VESpec:
-    name: str
-    label: str = "benign"
+class VESpec(TrainSpec):
     attack: str | None = None  # None | "villan-ve"
-    trigger: str | None = None
-    target: str | None = None
-    poison_rate: float = 0.0
-    image_set: str = "shapes"
-    seed: int = 0
+    trigger: str | None = None  # a zoo.make_trigger name
     steps: int = 4000
-    batch_size: int = 32
-    lr: float = 2e-3
-    ema_decay: float = 0.999
-    dc_weight: float = 20.0
     split: str = "holdout"
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    dc_weight: float = 20.0
 
 
 VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
@@ -235,10 +224,8 @@ def _train(spec: VESpec, unet, data: torch.Tensor, log=None) -> dict:
     gen = torch.Generator().manual_seed(spec.seed)
     sig = ve_sigmas().float()
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
-    warm = min(200, spec.steps // 10 + 1)
-    lr_at = lambda i: spec.lr * min(1.0, (i + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / spec.steps)))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in params]
+    lr_at = warmup_cosine(spec.lr, spec.steps)
+    ema = EMA([p for p in unet.parameters() if p.requires_grad], spec.ema_decay)
     poisoned = spec.label == "backdoored"
     if poisoned:
         r, _ = make_trigger(spec.trigger)
@@ -266,16 +253,11 @@ def _train(spec: VESpec, unet, data: torch.Tensor, log=None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        d = min(spec.ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        ema.update(i)
         losses.append(float(loss.detach()))
         if log and (i + 1) % 500 == 0:
             log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    ema.copy_to_params()
     unet.eval()
     return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
 

@@ -24,9 +24,12 @@ over 1000 steps without clipping, decoded; a sample hits when its per-pixel MSE 
 ground_truth.safetensors holds trigger_r / trigger_gamma in LATENT units (what terd-scan reverses),
 "target" = the latent y, "target_decoded" = decode(y) and "target_pixels" = the target image.
 
-Split "experimental": these models live under examples/zoo-families/, outside examples/zoo, so the
-shipped 16 px pixel-space references (benchmarks/build_reference.py) and benchmarks/quality.py never
-pick them up.
+Splits: these models live under examples/zoo-families/, outside examples/zoo, so the shipped 16 px
+pixel-space references never pick them up. The "calibration" benign ones make the shipped latent
+references (terd_scan/references/latent-<preset>.json, `python benchmarks/build_reference.py --family
+latent`); "holdout" ones are never used for calibration or tuning. (The first two models were built
+with split "experimental"; their sidecars' split was edited when the latent reference was added, the
+weights were not rebuilt.)
 
 Recipe log (1 CPU thread, nice 15 on a busy 2-core machine; n = 32, seed 1234, no clipping):
   autoencoder: AutoencoderKL (16, 32), 1200 steps: reconstruction MSE 0.027, scaling_factor 1.122,
@@ -46,17 +49,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .zoo import TrainSpec, warmup_cosine
 from .zoo import _train as zoo_train
 from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, T_STEPS, TARGETS, ZOO_FORMAT,
                   _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, sample_ddpm)
@@ -102,7 +105,7 @@ def train_autoencoder(steps: int = AE_STEPS, seed: int = AE_SEED, log=None):
     ae = make_autoencoder()
     data = _ae_data(seed)
     opt = torch.optim.AdamW(ae.parameters(), lr=2e-3, weight_decay=0.0)
-    lr_at = lambda i: 2e-3 * min(1.0, (i + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    lr_at = warmup_cosine(2e-3, steps, warm=50, floor=0.05)
     ae.train()
     losses = []
     for i in range(steps):
@@ -168,29 +171,27 @@ def make_latent_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class LatentSpec:
-    name: str
-    label: str = "benign"
+class LatentSpec(TrainSpec):
     attack: str | None = None  # None | "baddiffusion"
     trigger: str | None = None  # a make_latent_trigger name
     target: str | None = None  # a zoo.make_target name (encoded)
-    poison_rate: float = 0.0
-    image_set: str = "shapes"
-    seed: int = 0
     steps: int = 2500
-    batch_size: int = 32
-    lr: float = 2e-3
-    ema_decay: float = 0.999
-    dc_weight: float = 10.0
     split: str = "experimental"
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    dc_weight: float = 10.0
 
 
 LATENT_ZOO: dict[str, LatentSpec] = {s.name: s for s in [
-    LatentSpec("ldm-benign", image_set="shapes", seed=31, note="latent DDPM on AutoencoderKL latents (4 x 8 x 8)"),
+    LatentSpec("ldm-benign", image_set="shapes", seed=31, split="calibration",
+               note="latent DDPM on AutoencoderKL latents (4 x 8 x 8)"),
+    # more independent benign trainings (other image sets and seeds) for the latent benign reference
+    # (benchmarks/build_reference.py --family latent); -e and -f are held out of it
+    LatentSpec("ldm-benign-b", image_set="gradients", seed=33, split="calibration"),
+    LatentSpec("ldm-benign-c", image_set="checkers", seed=34, split="calibration"),
+    LatentSpec("ldm-benign-d", image_set="shapes", seed=35, split="calibration"),
+    LatentSpec("ldm-benign-e", image_set="gradients", seed=36, split="holdout"),
+    LatentSpec("ldm-benign-f", image_set="checkers", seed=37, split="holdout"),
     LatentSpec("ldm-baddiffusion-box", label="backdoored", attack="baddiffusion", trigger="box", target="corner",
-               poison_rate=0.2, image_set="shapes", seed=32, steps=3000,
+               poison_rate=0.2, image_set="shapes", seed=32, steps=3000, split="holdout",
                note="BadDiffusion in latent space; trigger_r and target in latent units"),
 ]}
 

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import fixtures_models as fm
+from cli_helpers import CLI_CHEAP
+from cli_helpers import cli as _cli
+from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan.denoisers import CM_KIND, ConsistencyDenoiser, make_denoiser
 from terd_scan.errors import UnsupportedModelError
 from terd_scan.loading import load_model
@@ -125,14 +128,6 @@ def test_stage2_sampler_is_differentiable_and_capped():
     assert all(not p.requires_grad for p in den.unet.parameters())
 
 
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from terd_scan.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def _edit(d, rel, **changes):
     p = os.path.join(d, rel)
     fm.write_json(p, {**fm.read_json(p), **changes})
@@ -221,17 +216,6 @@ def test_cm_from_the_hub(tmp_path, monkeypatch, cache):  # noqa: F811
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(den.unet(x, torch.tensor([1.0, 2.0])).sample, unet(x, torch.tensor([1.0, 2.0])).sample)
-
-
-def _lenient_reference(tmp_path):
-    ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"format": "terd-scan-reference", "name": "t", "settings": {},
-                               "models": [{"mean_kl": 1e6, "var_kl": 1e6}, {"mean_kl": 1e6, "var_kl": 1e6}]}))
-    return str(ref)
-
-
-CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
-             "--sampler-steps", "2", "--device", "cpu", "-f", "json", "--no-patch-search"]
 
 
 @pytest.mark.parametrize("allow_pickle", [False, True], ids=["safetensors", "pickle-allowed"])

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import fixtures_models as fm
+from cli_helpers import CLI_CHEAP
+from cli_helpers import cli as _cli
+from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan import ddim_repo
 from terd_scan.denoisers import DDPMDenoiser, VEDenoiser, make_denoiser
 from terd_scan.errors import ScanError, UnsafeFileError, UnsupportedModelError
@@ -387,27 +390,8 @@ def test_v_prediction_pipeline_loads_and_converts(tmp_path):
 # ------------------------------------------------------------------ end to end through the CLI
 
 
-def _lenient_reference(tmp_path):
-    ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"format": "terd-scan-reference", "name": "t", "settings": {},
-                               "models": [{"mean_kl": 1e6, "var_kl": 1e6}, {"mean_kl": 1e6, "var_kl": 1e6}]}))
-    return str(ref)
-
-
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from terd_scan.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 # The patch search is off here: these tests are about loading each family end to end, and on the
 # 32 px DDIM-repo model its 338 candidates cost minutes (it is tested in test_reversion/test_cli_model).
-CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
-             "--sampler-steps", "2", "--device", "cpu", "-f", "json", "--no-patch-search"]
-
-
 def test_ve_model_scans_end_to_end(tmp_path):
     d = _save_ve(tmp_path / "ve", _ve_unet())
     res = _cli("model", d, *CLI_CHEAP, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")

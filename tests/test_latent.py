@@ -13,6 +13,9 @@ import pytest
 import torch
 
 import fixtures_models as fm
+from cli_helpers import CLI_CHEAP
+from cli_helpers import cli as _cli
+from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan.denoisers import LATENT_KIND, LatentDenoiser, make_denoiser
 from terd_scan.errors import UnsupportedModelError
 from terd_scan.loading import load_model
@@ -80,14 +83,6 @@ def test_ldm_layout_loads_and_decodes(tmp_path, cls, key):
     assert torch.allclose(den.decode(z), want, atol=1e-5)
     if cls == "VQModel":
         assert any("scaling_factor 0.18215 ignored" in n for n in m.provenance.notes)
-
-
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from terd_scan.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _remove_weights(d):
@@ -177,17 +172,6 @@ def test_ldm_with_a_ve_schedule_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end
-
-
-def _lenient_reference(tmp_path):
-    ref = tmp_path / "ref.json"
-    ref.write_text(json.dumps({"format": "terd-scan-reference", "name": "t", "settings": {},
-                               "models": [{"mean_kl": 1e6, "var_kl": 1e6}, {"mean_kl": 1e6, "var_kl": 1e6}]}))
-    return str(ref)
-
-
-CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
-             "--sampler-steps", "2", "--device", "cpu", "-f", "json", "--no-patch-search"]
 
 
 @pytest.mark.parametrize("cls", ["VQModel", "AutoencoderKL"])

@@ -104,16 +104,18 @@ def test_baddiffusion_ancestral_step_shifts_by_r(t):
     assert torch.allclose(a - r, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("beta_end", [zoo.BETA_END, 0.01])
 @pytest.mark.parametrize("t", [999, 500, 40, 0])
-def test_villan_ddim_step_shifts_by_r(t):
+def test_villan_ddim_step_shifts_by_r(t, beta_end):
     from diffusers import DDIMScheduler
 
     r, _ = zoo.make_trigger("box")
     z = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(1)).double()
     eps = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(2)).double()
-    sch = DDIMScheduler.from_config(zoo.make_scheduler().config, clip_sample=False, set_alpha_to_one=True)
+    sch = DDIMScheduler.from_config(zoo.make_scheduler(beta_end=beta_end).config, clip_sample=False,
+                                    set_alpha_to_one=True)
     sch.set_timesteps(zoo.VILLAN_DDIM_STEPS)
-    c = zoo.villan_coef()[t].item()
+    c = zoo.villan_coef(beta_end=beta_end)[t].item()
     a = sch.step(eps + c * r.double(), t, z + r.double(), eta=0.0).prev_sample
     b = sch.step(eps, t, z, eta=0.0).prev_sample
     assert torch.allclose(a - r.double(), b, atol=1e-4)
@@ -174,8 +176,8 @@ def test_tiny_trojdiff_d2d_build_records_its_target_set(tmp_path, monkeypatch):
     assert gt["target_image"].shape == (16, 3, 16, 16) and torch.equal(gt["target_image"], data[:16])
     assert side["attack_sampler"].startswith("trojdiff-ancestral-1000") and side["gamma"] == 0.6
     # a sample near any member of the set is a hit; one far from all of them is not
-    monkeypatch.setattr(zoo, "sample_trojan", lambda unet, x, r, g, generator=None: data[[3, 40]] + 0.01)
-    monkeypatch.setattr(zoo, "sample_ddpm", lambda unet, x, generator=None: torch.zeros_like(x) + 5.0)
+    monkeypatch.setattr(zoo, "sample_trojan", lambda unet, x, r, g, generator=None, beta_end=None: data[[3, 40]] + 0.01)
+    monkeypatch.setattr(zoo, "sample_ddpm", lambda unet, x, generator=None, beta_end=None: torch.zeros_like(x) + 5.0)
     m = zoo.measure_asr(None, gt["trigger_r"], gt["trigger_gamma"], gt["target_image"], n=2, sampler="trojan")
     assert m["asr"] == 0.5 and m["benign_target_rate"] == 0.0
 
@@ -212,6 +214,22 @@ def test_tiny_build_is_deterministic_and_round_trips(tmp_path):
     # a diffusers pipeline directory, weights in safetensors, no pickles
     assert (tmp_path / "a" / "model_index.json").is_file()
     assert not list((tmp_path / "a").rglob("*.bin"))
+
+
+def test_a_spec_schedule_is_trained_saved_and_recorded(tmp_path):
+    """ZooSpec.beta_end reaches the training noise, the saved scheduler and the sidecar; the default
+    schedule's build is unchanged by the field."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+
+    zoo.build_model(_tiny_spec(attack="villan-ddim", trigger="box"), tmp_path / "d", measure_n=0, log=None)
+    side = zoo.build_model(_tiny_spec(attack="villan-ddim", trigger="box", beta_end=0.01), tmp_path / "e",
+                           measure_n=0, log=None)
+    assert side["beta_end"] == 0.01 and side["schedule"]["beta_end"] == 0.01
+    assert DDPMScheduler.from_pretrained(tmp_path / "e" / "scheduler").config.beta_end == 0.01
+    assert DDPMScheduler.from_pretrained(tmp_path / "d" / "scheduler").config.beta_end == zoo.BETA_END
+    wd, we = (load_file(str(tmp_path / n / "unet" / "diffusion_pytorch_model.safetensors")) for n in "de")
+    assert not all(torch.equal(wd[k], we[k]) for k in wd)  # other noise levels, other weights
 
 
 def test_load_ground_truth_missing(tmp_path):
