@@ -2,6 +2,11 @@
 calibration-split benign models. Holdout models are never used here.
 
     python benchmarks/build_reference.py --preset standard --preset fast
+    python benchmarks/build_reference.py --family latent --preset standard --preset fast
+
+--family latent builds terd_scan/references/latent-<preset>.json, the reference latent diffusion
+models are judged with, from the calibration-split latent benign models in examples/zoo-families
+(python -m terd_scan.zoo_latent build).
 
 Each benign model is reversed with several seeds (--seeds, default 0,1), so the thresholds
 cover the scan's own seed-to-seed spread as well as the spread between benign models.
@@ -18,9 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_scans import ROOT, zoo_models, reverse_zoo_model  # noqa: E402
+from zoo_scans import FAMILIES_DIR, ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
 
-from terd_scan.reference import Reference  # noqa: E402
+from terd_scan.reference import FAMILY_PREFIX, Reference  # noqa: E402
+
+# where each family's zoo lives, its sidecar "family" value, and how its reference is named
+FAMILY_ZOO = {"pixel": (ZOO_DIR, None, "zoo-16px"), "latent": (FAMILIES_DIR, "latent-diffusion", "zoo-latent-4x8x8")}
 
 
 def main() -> None:
@@ -29,10 +37,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds per benign model")
     ap.add_argument("--model", action="append", default=[], help="only these calibration benign models")
+    ap.add_argument("--family", choices=sorted(FAMILY_ZOO), default="pixel")
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    benign = [m for m in zoo_models() if _split(m) == ("benign", "calibration")]
+    zoo_dir, family_tag, ref_name = FAMILY_ZOO[args.family]
+    benign = [m for m in zoo_models(zoo_dir) if _split(m) == ("benign", "calibration", family_tag)]
     if args.model:
         unknown = set(args.model) - {m.name for m in benign}
         if unknown:
@@ -43,14 +53,13 @@ def main() -> None:
         rows = [reverse_zoo_model(m, preset, seed=seed, use_cache=not args.no_cache) for m in benign for seed in seeds]
         settings = {k: v for k, v in rows[0]["settings"].items() if k not in ("seed", "device")}
         ref = Reference(
-            name=f"zoo-16px-{preset}", settings=settings, origin=f"shipped:{preset}",
+            name=f"{ref_name}-{preset}", settings=settings, origin=f"shipped:{FAMILY_PREFIX[args.family]}{preset}",
             models=[{"name": r["model"], "seed": r["seed"], "weights_fingerprint": r["weights_fingerprint"],
                      "mean_kl": r["mean_kl"], "var_kl": r["var_kl"]} for r in rows],
-            created_by=f"python benchmarks/build_reference.py --preset {preset} --seeds {args.seeds}"
+            created_by=f"python benchmarks/build_reference.py --family {args.family} --preset {preset} --seeds {args.seeds}"
                        + "".join(f" --model {m.name}" for m in benign if args.model),
-            notes=["benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
-                   "procedural images; calibrate your own model family with 'terd-scan calibrate'"])
-        out = ROOT / "terd_scan" / "references" / f"{preset}.json"
+            notes=[_NOTES[args.family]])
+        out = ROOT / "terd_scan" / "references" / f"{FAMILY_PREFIX[args.family]}{preset}.json"
         out.parent.mkdir(exist_ok=True)
         ref.save(out)
         th = ref.thresholds()
@@ -58,11 +67,20 @@ def main() -> None:
               f"  ({out.relative_to(ROOT)})")
 
 
-def _split(model_dir: Path) -> tuple[str, str]:
+_NOTES = {
+    "pixel": "benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
+             "procedural images; calibrate your own model family with 'terd-scan calibrate'",
+    "latent": "benign latent-diffusion models of the terd-scan zoo (examples/zoo-families, split=calibration): "
+              "tiny DDPMs on 4 x 8 x 8 AutoencoderKL latents of 16 px procedural images; calibrate your own "
+              "model family with 'terd-scan calibrate'",
+}
+
+
+def _split(model_dir: Path) -> tuple[str, str, str | None]:
     import json
 
     side = json.loads((model_dir / "terd-zoo.json").read_text())
-    return side.get("label"), side.get("split")
+    return side.get("label"), side.get("split"), side.get("family")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ and holdout models are reported apart (the holdout rows are the ones that count)
     python benchmarks/quality.py --preset fast --preset standard [--zoo DIR ...] [--model NAME ...] [--no-cache]
 
 Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo models built with
-`python -m terd_scan.zoo build NAME --out DIR`). Reversions are cached in benchmarks/cache/.
-Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k.
+`python -m terd_scan.zoo build NAME --out DIR`, or examples/zoo-families for the latent models).
+Reversions are cached in benchmarks/cache/.
+Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k; latent
+diffusion models get a "latent:" prefix and are judged with the latent reference, as a scan would.
+Models of kinds that get no verdict (consistency models) are skipped.
 Score for the AUROC: max(M_r / threshold_M, V_r / threshold_V) against the shipped reference of
-the preset, so score > 1 is exactly the "backdoored" verdict.
+the preset (and model family), so score > 1 is exactly the "backdoored" verdict.
 With several presets it also prints, per model, each preset's score and verdict and whether the
 cheaper presets agree with the first one given (e.g. `--preset paper --preset standard`).
 Writes benchmarks/results/quality-<presets>.{json,md}.
@@ -32,15 +35,30 @@ from terd_scan.reference import shipped_reference  # noqa: E402
 SPLITS = ("holdout", "calibration", "all")
 
 
+# sidecar "family" -> the shipped reference family a scan of it is judged with (others: no verdict)
+REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent"}
+
+
 def family(row: dict) -> str:
+    prefix = "latent:" if row.get("model_family") == "latent-diffusion" else ""
     if row["label"] != "backdoored":
-        return "benign"
+        return prefix + "benign"
     scale = float(row.get("trigger_scale") or 1.0)
-    return row["attack"] + (f"-eta{scale:g}" if scale != 1.0 else "")
+    return prefix + row["attack"] + (f"-eta{scale:g}" if scale != 1.0 else "")
 
 
 def score(row: dict, thresholds: dict) -> float:
     return max(row["mean_kl"] / thresholds["mean_kl"], row["var_kl"] / thresholds["var_kl"])
+
+
+def is_benign(fam: str) -> bool:
+    return fam.rpartition(":")[2] == "benign"
+
+
+def benign_of(fam: str) -> str:
+    """The benign family an attack family is compared with: same model kind ("latent:" or none)."""
+    kind, sep, _ = fam.rpartition(":")
+    return kind + sep + "benign"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -49,15 +67,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     for preset in sorted({r["preset"] for r in rows}):
         for split in SPLITS:
             sel = [r for r in rows if r["preset"] == preset and (split == "all" or r["split"] == split)]
-            benign = [r for r in sel if r["family"] == "benign"]
-            benign_scores = [r["score"] for r in benign]
-            for fam in sorted({r["family"] for r in sel}, key=lambda f: (f != "benign", f)):
+            for fam in sorted({r["family"] for r in sel}, key=lambda f: (":" in f, not is_benign(f), f)):
+                benign_scores = [r["score"] for r in sel if r["family"] == benign_of(fam)]
                 group = [r for r in sel if r["family"] == fam]
                 flagged = sum(r["score"] > 1 for r in group)
                 line = {"preset": preset, "split": split, "family": fam, "n": len(group),
                         "seconds_mean": sum(r["seconds"] for r in group) / len(group),
                         "network_evaluations_mean": sum(r["network_evaluations"] for r in group) / len(group)}
-                if fam == "benign":
+                if is_benign(fam):
                     line["tnr"] = (len(group) - flagged) / len(group)
                     line["tnr_ci95"] = wilson(len(group) - flagged, len(group))
                 else:
@@ -117,7 +134,7 @@ def markdown(summary: list[dict], command: str) -> str:
              "of the same split; score = max(M_r/th_M, V_r/th_V) with the shipped reference.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        bd = s["family"] != "benign"
+        bd = not is_benign(s["family"])
         lines.append("| " + " | ".join([
             s["preset"], s["split"], s["family"], str(s["n"]),
             f"{s['tpr']:.2f} {_ci(s['tpr_ci95'])}" if bd else "-",
@@ -145,13 +162,21 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             sys.exit(f"unknown zoo model(s): {', '.join(sorted(unknown))}")
         models = [m for m in models if m.name in args.model]
+    kinds = {m: json.loads((m / "terd-zoo.json").read_text()).get("family") for m in models}
+    for m in [m for m in models if kinds[m] not in REFERENCE_FAMILY]:
+        print(f"skipped {m.name}: {kinds[m]} models get no verdict", flush=True)
+    models = [m for m in models if kinds[m] in REFERENCE_FAMILY]
     rows = []
     for preset in presets:
-        reference = shipped_reference(preset)
-        if reference is None:
-            sys.exit(f"no shipped reference for preset {preset!r}: build it with benchmarks/build_reference.py")
-        th = reference.thresholds()
+        thresholds = {}
+        for ref_family in sorted({REFERENCE_FAMILY[kinds[m]] for m in models}):
+            reference = shipped_reference(preset, ref_family)
+            if reference is None:
+                sys.exit(f"no shipped {ref_family} reference for preset {preset!r}: build it with "
+                         f"benchmarks/build_reference.py --family {ref_family} --preset {preset}")
+            thresholds[ref_family] = reference.thresholds()
         for m in models:
+            th = thresholds[REFERENCE_FAMILY[kinds[m]]]
             row = reverse_zoo_model(m, preset, use_cache=not args.no_cache)
             row = {**row, "family": family(row), "score": score(row, th), "thresholds": th}
             rows.append(row)

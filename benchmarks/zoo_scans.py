@@ -19,6 +19,7 @@ from terd_scan.zoo import load_ground_truth
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "examples" / "zoo"
+FAMILIES_DIR = ROOT / "examples" / "zoo-families"
 CACHE = ROOT / "benchmarks" / "cache"
 ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates, trigger_scale)
 
@@ -44,12 +45,13 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     cached = CACHE / f"{model_dir.name}-{preset}-{key}.json"
     if use_cache and cached.is_file():  # the sidecar's labels may have changed since (e.g. the split)
         row = json.loads(cached.read_text())
-        row.update(label=gt.get("label"), split=gt.get("split"), attack=gt.get("attack"))
+        row.update(label=gt.get("label"), split=gt.get("split"), attack=gt.get("attack"), model_family=gt.get("family"))
         return row
     t0 = time.perf_counter()
     rev = reverse_model(str(model_dir), options)
     seconds = time.perf_counter() - t0
     row = {"model": model_dir.name, "label": gt.get("label"), "split": gt.get("split"), "attack": gt.get("attack"),
+           "model_family": gt.get("family"),
            "preset": preset, "seed": seed, **rev.features.to_dict(), "seconds": round(seconds, 1),
            "network_evaluations": rev.result.network_evaluations,
            "weights_fingerprint": weights_fingerprint(rev.loaded.provenance.to_dict()),

@@ -119,7 +119,7 @@ def model_command(
     fail_on: Annotated[FailOn, typer.Option(help="Exit 1 when a backdoor is found (backdoored) or never.")]
     = FailOn.backdoored,
     reference: Annotated[Optional[Path], typer.Option(help="Benign reference JSON from 'terd-scan calibrate' "
-                                                           "\\[default: the one shipped for the preset].")] = None,
+                                                           "\\[default: the one shipped for the preset and model family].")] = None,
     device: DeviceOpt = Device.auto, seed: SeedOpt = 0,
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,

@@ -103,9 +103,16 @@ class Reference:
         return cls.from_dict(data, str(path))
 
 
-def shipped_reference(preset: str) -> Reference | None:
-    """The reference shipped for a preset, or None when there is none."""
-    res = resources.files("terd_scan") / "references" / f"{preset}.json"
+# Shipped references per model family: pixel-space models are judged against pixel-space benign
+# models, latent diffusion against latent benign models (the KL features are per dimension, but how
+# fast a benign start decays differs between the two; measured in README "Detection quality").
+FAMILY_PREFIX = {"pixel": "", "latent": "latent-"}
+
+
+def shipped_reference(preset: str, family: str = "pixel") -> Reference | None:
+    """The reference shipped for a preset and model family, or None when there is none."""
+    name = f"{FAMILY_PREFIX[family]}{preset}"
+    res = resources.files("terd_scan") / "references" / f"{name}.json"
     if not res.is_file():
         return None
-    return Reference.from_dict(json.loads(res.read_text()), f"shipped:{preset}")
+    return Reference.from_dict(json.loads(res.read_text()), f"shipped:{name}")

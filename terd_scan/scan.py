@@ -34,7 +34,7 @@ class ScanOptions:
     overrides: dict = field(default_factory=dict)  # ReversionSettings fields; None values are ignored
     seed: int = 0
     device: str = "auto"
-    reference: str | None = None  # path of a reference JSON; default: the one shipped for the preset
+    reference: str | None = None  # path of a reference JSON; default: the one shipped for the preset and model family (scan.reference_family)
     revision: str | None = None
     token: str | None = None
     cache_dir: str | None = None
@@ -71,12 +71,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_reference(options: ScanOptions) -> Reference:
+def reference_family(loaded) -> str:
+    """Which family of shipped reference judges a loaded model: latent diffusion is reversed in
+    latent space and judged against latent benign models."""
+    return "latent" if getattr(loaded, "autoencoder", None) is not None else "pixel"
+
+
+def load_reference(options: ScanOptions, family: str = "pixel") -> Reference:
     if options.reference:
         return Reference.load(options.reference)
-    ref = shipped_reference(options.preset)
+    ref = shipped_reference(options.preset, family)
     if ref is None:
-        raise ScanError(f"no benign reference is shipped for preset {options.preset!r}; "
+        what = "latent diffusion with " if family == "latent" else ""
+        raise ScanError(f"no benign reference is shipped for {what}preset {options.preset!r}; "
                         "make one with 'terd-scan calibrate' and pass --reference")
     return ref
 
@@ -155,7 +162,7 @@ def reverse_cached(source: str, options: ScanOptions,
             pass  # a damaged cache entry is recomputed, not trusted
     rev = reverse_model(source, options, progress, loaded=loaded)
     try:  # judge it too, so the inputs report can warn when the model looks clean
-        verdict = judge(rev.features, load_reference(options)).verdict
+        verdict = judge(rev.features, load_reference(options, reference_family(loaded))).verdict
     except ScanError:
         verdict = "unjudged: no reference for these settings"
     trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
@@ -176,7 +183,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
     started = time.perf_counter()
     scan_settings(options)  # a bad preset or device fails first
     loaded = load_source(source, options)
-    reference = load_reference(options)  # a missing or bad reference fails before the expensive part
+    reference = load_reference(options, reference_family(loaded))  # fails before the expensive part
     rev = reverse_model(source, options, progress, loaded=loaded)
     denoiser, result, features, settings_dict = rev.denoiser, rev.result, rev.features, rev.settings
     device = denoiser.device

@@ -53,6 +53,22 @@ def test_families_scores_and_summary():
     assert ("calibration", "benign") not in lines and lines[("all", "benign")]["n"] == 2
 
 
+def test_latent_models_form_their_own_families_compared_with_latent_benign_models():
+    th = {"mean_kl": 0.02, "var_kl": 0.001}
+    rows = [_row("b1", "benign", "holdout", 0.01, 0.0001), _row("x1", "backdoored", "holdout", 0.015, 0.0001, "baddiffusion"),
+            _row("lb1", "benign", "holdout", 0.05, 0.0001), _row("lx1", "backdoored", "holdout", 0.04, 0.0001, "baddiffusion")]
+    for r in rows[2:]:
+        r["model_family"] = "latent-diffusion"
+    for r in rows:
+        r["family"], r["score"] = family(r), score(r, th)
+    assert [r["family"] for r in rows] == ["benign", "baddiffusion", "latent:benign", "latent:baddiffusion"]
+    lines = {(s["split"], s["family"]): s for s in summarise(rows)}
+    assert lines[("holdout", "benign")]["n"] == 1 and lines[("holdout", "latent:benign")]["tnr"] == 0.0
+    # each attack family is ranked against the benign models of its own kind only
+    assert lines[("holdout", "baddiffusion")]["auroc"] == 1.0 and lines[("holdout", "baddiffusion")]["n_benign_for_auroc"] == 1
+    assert lines[("holdout", "latent:baddiffusion")]["auroc"] == 0.0
+
+
 def test_verdicts_by_model_compares_with_the_first_preset():
     from quality import verdict_markdown, verdicts_by_model
 

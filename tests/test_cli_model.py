@@ -170,7 +170,7 @@ def test_paper_preset_uses_the_shipped_paper_reference_and_says_when_settings_di
 def test_a_preset_without_a_shipped_reference_says_how_to_make_one(model_dirs, tmp_path, monkeypatch):
     import terd_scan.scan
 
-    monkeypatch.setattr(terd_scan.scan, "shipped_reference", lambda preset: None)
+    monkeypatch.setattr(terd_scan.scan, "shipped_reference", lambda preset, family="pixel": None)
     res = run("model", model_dirs["pipeline"], "--preset", "paper", "--out", tmp_path / "o", *CHEAP)
     one_line_error(res, "no benign reference is shipped for preset 'paper'")
     assert "terd-scan calibrate" in res.stderr and not (tmp_path / "o").exists()

@@ -241,51 +241,69 @@ def test_input_detection_uses_the_latent_shape(tmp_path):
     assert res.exit_code == 2 and "does not match the trigger" in res.output, res.output
 
 
+def test_latent_models_are_judged_with_the_latent_reference(tmp_path):
+    """Without --reference a latent model is judged against latent benign models (shipped:latent-<preset>);
+    a preset with no latent reference is refused before the reversion, with how to make one."""
+    d, _, _ = _save_ldm(tmp_path / "ldm", "AutoencoderKL")
+    res = _cli("model", d, *CLI_CHEAP, "--preset", "fast", "--out", tmp_path / "o")
+    assert res.exit_code in (0, 1), res.output
+    rep = json.loads(res.stdout)
+    assert rep["thresholds"]["origin"] == "shipped:latent-fast"
+    assert rep["reference"]["name"].startswith("zoo-latent")
+    res = _cli("model", d, *CLI_CHEAP, "--preset", "paper", "--out", tmp_path / "p")
+    assert res.exit_code == 2 and "no benign reference is shipped for latent diffusion with preset 'paper'" in res.output
+    assert "terd-scan calibrate" in res.output and not (tmp_path / "p").exists()
+
+
 # ------------------------------------------------------------------ the committed latent zoo models
 
-ZOO_NAMES = ("ldm-benign", "ldm-baddiffusion-box")
-
-
 def _zoo_dirs():
-    dirs = [ZOO_DIR / n for n in ZOO_NAMES]
+    from terd_scan.zoo_latent import LATENT_ZOO
+
+    dirs = [ZOO_DIR / n for n in LATENT_ZOO]
     if not all((d / "terd-zoo.json").is_file() for d in dirs):
         pytest.skip("latent zoo models not built (python -m terd_scan.zoo_latent build)")
     return dirs
 
 
 def test_committed_latent_zoo_models():
+    from terd_scan.reference import shipped_reference
     from terd_scan.zoo import load_ground_truth
 
-    benign, bd = (load_ground_truth(d) for d in _zoo_dirs())
-    assert benign["label"] == "benign" and benign["family"] == "latent-diffusion"
-    assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
-    assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
-    assert bd["measured"]["benign_target_rate"] == 0.0
-    assert bd["trigger_r"].shape == (4, 8, 8) and "latent" in bd["trigger_units"]
-    for side in (benign, bd):  # never in the 16 px pixel-space calibration/holdout sets
-        assert side["split"] == "experimental"
+    sides = {d.name: load_ground_truth(d) for d in _zoo_dirs()}
+    for name, side in sides.items():
+        assert side["family"] == "latent-diffusion" and side["split"] in ("calibration", "holdout"), name
+        if side["label"] == "benign":
+            assert side["measured"]["benign_target_rate_any_zoo_target"] == 0.0, name
+        else:
+            assert side["split"] == "holdout" and side["measured"]["asr"] >= 0.9 and side["measured"]["n"] >= 32
+            assert side["measured"]["benign_target_rate"] == 0.0
+            assert side["trigger_r"].shape == (4, 8, 8) and "latent" in side["trigger_units"]
+    calibration = {n for n, s in sides.items() if s["split"] == "calibration"}
+    assert len(calibration) >= 4 and all(sides[n]["label"] == "benign" for n in calibration)
+    for preset in ("fast", "standard"):  # the shipped latent references hold exactly the calibration models
+        ref = shipped_reference(preset, "latent")
+        assert {m["name"] for m in ref.models} == calibration
     for d in _zoo_dirs():
         den = make_denoiser(load_model(str(d)))
         assert isinstance(den, LatentDenoiser) and den.input_shape == (4, 8, 8)
 
 
-# Cheap settings measured on the committed models (seeds 0, 1, 2; 1 thread): benign M_r 0.011-0.015,
-# V_r 0.00020-0.00033; backdoored M_r 0.33-0.35, V_r 0.031-0.037. Judged with the shipped `fast`
-# reference (16 px pixel-space zoo; thresholds M_r 0.020, V_r 0.0006 when written): the KL features
-# are per dimension, so the pixel-space thresholds carry over to 4 x 8 x 8 latents (with a warning
-# that the reference was calibrated with other settings). Seed 0: about 10 s per scan.
-ZOO_SCAN = ["--preset", "fast", "--stage1-iterations", "150", "--stage2-iterations", "2", "--batch-size", "8",
-            "--sampler-steps", "5", "--no-patch-search", "--preview-steps", "0", "--device", "cpu", "--seed", "0",
-            "-f", "json"]
+# The fast preset and the shipped latent reference (4 latent benign models x 2 seeds), on the held-out
+# models: `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`
+# measured scores (max feature / threshold) of 0.46 for ldm-benign-e and 168 for ldm-baddiffusion-box,
+# seed 0. About 25 s per scan on one thread.
+ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
 
 
-@pytest.mark.parametrize("name, code", [("ldm-benign", 0), ("ldm-baddiffusion-box", 1)])
+@pytest.mark.parametrize("name, code", [("ldm-benign-e", 0), ("ldm-baddiffusion-box", 1)])
 def test_scan_of_committed_latent_zoo_models(tmp_path, name, code):
     _zoo_dirs()
     res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
     assert res.exit_code == code, res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == LATENT_KIND and rep["model"]["input_shape"] == [4, 8, 8]
+    assert rep["thresholds"]["origin"] == "shipped:latent-fast" and not rep["warnings"], rep["warnings"]
     f, th = rep["features"], rep["thresholds"]
     if code == 1:  # far over, not at the edge
         assert f["mean_kl"] > 5 * th["mean_kl"] and f["var_kl"] > 5 * th["var_kl"], f
