@@ -23,9 +23,11 @@ KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset fl
                                          "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
 # (model, expected exit code): one model per detected attack family (the canonical BadDiffusion
 # box, the patch on a zero background that needs the patch search, the adaptive box scaled by
-# 0.5, TrojDiff's blend that needs the narrow-noise search; the last two are holdout models), a
-# calibration-split benign model and the holdout benign models, never used for calibration or tuning.
-BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend"]
+# 0.5, TrojDiff's blend that needs the narrow-noise search, VillanDiffusion for DDIM on its own
+# noise schedule; the last three are holdout models), a calibration-split benign model and the
+# holdout benign models, never used for calibration or tuning.
+BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend",
+              "villan-box-corner"]
 CASES = [(name, 1) for name in BACKDOORED] + [("benign-a", 0), ("benign-f", 0),
                                               pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
 
