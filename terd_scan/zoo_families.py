@@ -28,6 +28,10 @@ no clipping): NO VE zoo model fires yet, so none is committed under examples/zoo
            corrector step); benign nn-MSE 0.044;
   build 3: ODE target (Euler in sigma, 1000 steps), p = 0.2: ASR 0/32, trigger MSE 47.9; the ODE also
            ruins benign samples (nn-MSE 1.59, std 1.34); the SDE predictor on that model: trigger MSE 0.58.
+  build 4: as build 3 but SIGMA_MAX 12 (the VE analogue of the DDPM zoo's beta_end 0.01, with which
+           VillanDiffusion for DDIM fires in the DDPM zoo; a scratch script that set SIGMA_MAX before
+           building): the ODE samples benign noise better (nn-MSE 0.32 on this model, 0.49 on ve-benign
+           built the same way) but ASR 3/32 (trigger MSE 0.78; SDE predictor 0/32, 0.40).
 Diagnosis: the learned targets are close (eps MSE 0.02-0.04 on poisoned inputs at every sigma), but the
 tiny network ignores its sigma input (outputs unchanged for a 2x wrong sigma: it guesses the noise level
 from the input through GroupNorm) and shrinks eps by about 10% on poisoned inputs; the predictor's fresh
