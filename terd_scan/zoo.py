@@ -543,10 +543,11 @@ class ZooSpec(TrainSpec):
     # adaptive attack: the trigger r is scaled by eta toward the benign distribution (r -> eta r)
     trigger_scale: float = 1.0
     # the linear schedule's last beta. At 0.02 (DDPM's) sqrt(abar_T) = 0.006, and deterministic DDIM
-    # sampling of these tiny models diverges (benign DDIM-50 samples at nearest-image MSE 4.3 for
-    # benign-a): the first steps multiply the network's eps error by 1 / sqrt(abar_t) ~ 150 into x0
-    # and nothing pulls it back. At 0.01 (sqrt(abar_T) = 0.08) the same recipe samples well with
-    # DDIM (0.21, DDPM 0.13): used by the VillanDiffusion models, which attack DDIM.
+    # sampling of these tiny models diverges (benign-a: DDIM-50 samples at nearest-image MSE 3.3,
+    # DDPM 0.13; benchmarks/sampler_check.py): the first steps multiply the network's eps error by
+    # 1 / sqrt(abar_t) ~ 150 into x0 and nothing pulls it back. At 0.01 (sqrt(abar_T) = 0.08) the
+    # same recipe samples well with DDIM (benign-p: 0.20, DDPM 0.16): used by the VillanDiffusion
+    # models, which attack DDIM.
     beta_end: float = BETA_END
 
     def poison_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -660,9 +661,10 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="checkers", seed=14, steps=3000, split="holdout"),
     # VillanDiffusion on the schedule DDIM can sample (beta_end 0.01, see ZooSpec.beta_end). Built
     # once (p = 0.2, 3000 steps): benign DDIM-50 samples fine (nearest-image MSE 0.29), but ASR 0/32
-    # (trigger samples at MSE 1.03 to the target; DDPM from the trigger 2/16). Its error on poisoned
-    # inputs at t = 990 is 0.030 per pixel (clean inputs 0.020), and deterministic sampling turns
-    # that into a wrong x0 that no later step corrects.
+    # (trigger samples at MSE 1.03 to the target; DDPM from the trigger 2/16). Its eps error on
+    # poisoned inputs at t = 990 is 0.029 per pixel (clean inputs 0.019; villan-box-corner 0.008,
+    # benchmarks/sampler_check.py), and deterministic sampling turns that into a wrong x0 that no
+    # later step corrects.
     _bd("villan-box-smiley", "box", "smiley", attack="villan-ddim", poison_rate=0.2,
         image_set="checkers", seed=51, steps=3000, split="holdout", beta_end=0.01),
     # The stop sign on a -1 canvas toward the hat, p = 0.3, 4500 steps (built right after
