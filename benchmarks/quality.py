@@ -40,7 +40,8 @@ REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent"}
 
 
 def family(row: dict) -> str:
-    prefix = "latent:" if row.get("model_family") == "latent-diffusion" else ""
+    ref_family = REFERENCE_FAMILY.get(row.get("model_family"), "pixel")
+    prefix = "" if ref_family == "pixel" else ref_family + ":"
     if row["label"] != "backdoored":
         return prefix + "benign"
     scale = float(row.get("trigger_scale") or 1.0)

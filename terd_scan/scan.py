@@ -34,7 +34,8 @@ class ScanOptions:
     overrides: dict = field(default_factory=dict)  # ReversionSettings fields; None values are ignored
     seed: int = 0
     device: str = "auto"
-    reference: str | None = None  # path of a reference JSON; default: the one shipped for the preset and model family (scan.reference_family)
+    # path of a reference JSON; default: the one shipped for the preset and model family (reference_family)
+    reference: str | None = None
     revision: str | None = None
     token: str | None = None
     cache_dir: str | None = None

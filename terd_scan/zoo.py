@@ -44,7 +44,8 @@ import torch
 from .zoo_data import make_images
 
 __all__ = [
-    "TrainSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth", "measure_asr", "make_trigger",
+    "TrainSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth",
+    "measure_asr", "make_trigger",
     "make_target", "make_unet", "make_scheduler", "baddiffusion_coef", "ddim_trigger_coef",
     "villan_coef", "trojdiff_target",
     "poisoned_batch", "sample_ddpm", "sample_ddim", "ASR_MSE_THRESHOLD", "SIDECAR",
