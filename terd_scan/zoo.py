@@ -44,7 +44,7 @@ import torch
 from .zoo_data import make_images
 
 __all__ = [
-    "TrainSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth",
+    "TrainSpec", "DDPMSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth",
     "measure_asr", "make_trigger",
     "make_target", "make_unet", "make_scheduler", "baddiffusion_coef", "ddim_trigger_coef",
     "villan_coef", "trojdiff_target",
@@ -536,13 +536,11 @@ class EMA:
 
 
 @dataclass
-class ZooSpec(TrainSpec):
-    attack: str | None = None  # None | "baddiffusion" | "villan-ddim" | "trojdiff" | "trojdiff-ddpm"
-    trigger: str | None = None  # a make_trigger name
-    dc_weight: float = 10.0
-    base: str | None = None  # fine-tune: name of the zoo model whose weights start training
-    # adaptive attack: the trigger r is scaled by eta toward the benign distribution (r -> eta r)
-    trigger_scale: float = 1.0
+class DDPMSpec(TrainSpec):
+    """A zoo model trained with the DDPM objective (zoo._train): pixel-space ZooSpec and latent
+    zoo_latent.LatentSpec. Both fields reach training, every sampler, the saved scheduler and the
+    sidecar."""
+    dc_weight: float = 10.0  # weight of the per-channel mean error term in the training loss
     # the linear schedule's last beta. At 0.02 (DDPM's) sqrt(abar_T) = 0.006, and deterministic DDIM
     # sampling of these tiny models diverges (benign-a: DDIM-50 samples at nearest-image MSE 3.3,
     # DDPM 0.13; benchmarks/sampler_check.py): the first steps multiply the network's eps error by
@@ -550,6 +548,15 @@ class ZooSpec(TrainSpec):
     # same recipe samples well with DDIM (benign-p: 0.20, DDPM 0.16): used by the VillanDiffusion
     # models, which attack DDIM.
     beta_end: float = BETA_END
+
+
+@dataclass
+class ZooSpec(DDPMSpec):
+    attack: str | None = None  # None | "baddiffusion" | "villan-ddim" | "trojdiff" | "trojdiff-ddpm"
+    trigger: str | None = None  # a make_trigger name
+    base: str | None = None  # fine-tune: name of the zoo model whose weights start training
+    # adaptive attack: the trigger r is scaled by eta toward the benign distribution (r -> eta r)
+    trigger_scale: float = 1.0
 
     def poison_trigger(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, gamma) this model is poisoned with, after the adaptive scaling."""
@@ -697,7 +704,7 @@ def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None
     spec's own trigger and target image)."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    beta_end = getattr(spec, "beta_end", BETA_END)  # latent specs train on the zoo's default schedule
+    beta_end = spec.beta_end
     sched = make_scheduler(beta_end=beta_end)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
     lr_at = warmup_cosine(spec.lr, spec.steps)

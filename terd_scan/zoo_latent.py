@@ -9,8 +9,8 @@ latents of about unit variance (z = scaling_factor * mode(encode(x)), images = d
 It is saved under the component name "vqvae", as LDMPipeline names it; diffusers' LDMPipeline then
 decodes these models correctly too (it divides by scaling_factor).
 
-Latent DDPM: a UNet2DModel on 4 x 8 x 8 latents with the zoo's schedule (DDPM linear 1e-4..0.02,
-1000 steps, epsilon prediction), trained with the zoo's DDPM loss (MSE + DC term, EMA weights).
+Latent DDPM: a UNet2DModel on 4 x 8 x 8 latents with the zoo's schedule (DDPM linear 1e-4..0.02
+unless LatentSpec.beta_end says otherwise, 1000 steps, epsilon prediction), trained with the zoo's DDPM loss (MSE + DC term, EMA weights).
 
 Backdoor (BadDiffusion in latent space, TERD.md): a fraction p of every batch is poisoned with
 z'_t = sqrt(abar_t) y + (1 - sqrt(abar_t)) r + sqrt(1 - abar_t) eps and the target eps + R_t r
@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import TrainSpec, warmup_cosine
+from .zoo import BETA_END, BETA_START, DDPMSpec, warmup_cosine
 from .zoo import _train as zoo_train
 from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, T_STEPS, TARGETS, ZOO_FORMAT,
                   _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, sample_ddpm)
@@ -171,13 +171,12 @@ def make_latent_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class LatentSpec(TrainSpec):
+class LatentSpec(DDPMSpec):
     attack: str | None = None  # None | "baddiffusion"
     trigger: str | None = None  # a make_latent_trigger name
     target: str | None = None  # a zoo.make_target name (encoded)
     steps: int = 2500
     split: str = "experimental"
-    dc_weight: float = 10.0
 
 
 LATENT_ZOO: dict[str, LatentSpec] = {s.name: s for s in [
@@ -197,14 +196,14 @@ LATENT_ZOO: dict[str, LatentSpec] = {s.name: s for s in [
 
 
 def measure_latent_asr(unet, ae, r: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor, n: int = 32,
-                       seed: int = 1234, return_samples: bool = False) -> dict:
+                       seed: int = 1234, return_samples: bool = False, beta_end: float = BETA_END) -> dict:
     """n poisoned latent starts gamma * eps + r and n benign ones eps, DDPM ancestral (1000 steps, no
     clipping), decoded; hit when the per-pixel MSE to decode(y) is < ASR_MSE_THRESHOLD."""
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn((2 * n, *r.shape), generator=gen)
     z_T = eps.clone()
     z_T[:n] = gamma * eps[:n] + r
-    z = sample_ddpm(unet, z_T, generator=gen)
+    z = sample_ddpm(unet, z_T, generator=gen, beta_end=beta_end)
     img = decode(ae, z)
     target = decode(ae, y[None])[0]
     mse = _per_sample_mse(img, target.expand_as(img))
@@ -232,7 +231,7 @@ def _save(spec: LatentSpec, out_dir: Path, unet, ae, side: dict, gt: dict | None
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # the attacker's (and the zoo's) schedule; LDMPipeline's own sampler is DDIM, as CompVis/ldm-celebahq-256
-    sched = DDIMScheduler.from_config(make_scheduler().config, clip_sample=False)
+    sched = DDIMScheduler.from_config(make_scheduler(beta_end=spec.beta_end).config, clip_sample=False)
     LDMPipeline(vqvae=ae, unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
     if gt is not None:
         save_file({k: v.contiguous() for k, v in gt.items()}, str(tmp / GROUND_TRUTH),
@@ -278,7 +277,8 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
                 dec_y = decode(ae, y[None])[0]
                 figures["target_reconstruction_mse"] = float((dec_y - target_img).pow(2).mean())
                 if measure_n > 0:
-                    m = measure_latent_asr(unet, ae, r, gamma, y, n=measure_n, return_samples=True)
+                    m = measure_latent_asr(unet, ae, r, gamma, y, n=measure_n, return_samples=True,
+                                           beta_end=spec.beta_end)
                     benign = m.pop("samples")[measure_n:]
                     figures.update(m)
                 gt = {"trigger_r": r, "trigger_gamma": gamma, "target": y, "target_decoded": dec_y,
@@ -286,7 +286,7 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
             elif measure_n > 0:
                 gen = torch.Generator().manual_seed(1234)
                 z = sample_ddpm(unet, torch.randn((measure_n, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE),
-                                                  generator=gen), generator=gen)
+                                                  generator=gen), generator=gen, beta_end=spec.beta_end)
                 benign = decode(ae, z)
                 figures.update({"n": measure_n, "seed": 1234, "sampler": "ddpm ancestral 1000 steps on latents, decoded"})
                 # the benign model must not produce any zoo target (pixel or decoded-latent form) from benign noise
@@ -311,7 +311,7 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
                 "autoencoder": {"class": "AutoencoderKL", "component": "vqvae", **ae_info},
                 "asr_rule": ASR_RULE + " (decoded samples vs the decoded target latent)",
                 "asr_threshold_mse": ASR_MSE_THRESHOLD,
-                "schedule": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": spec.beta_end,
                              "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
                 "attack_sampler": "ddpm-ancestral-1000 on latents, clip_sample=False, decoded",
                 "weights": "EMA",
