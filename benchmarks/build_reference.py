@@ -27,8 +27,17 @@ from zoo_scans import FAMILIES_DIR, ROOT, ZOO_DIR, reverse_zoo_model, zoo_models
 
 from terd_scan.reference import FAMILY_PREFIX, Reference  # noqa: E402
 
-# where each family's zoo lives, its sidecar "family" value, and how its reference is named
-FAMILY_ZOO = {"pixel": (ZOO_DIR, None, "zoo-16px"), "latent": (FAMILIES_DIR, "latent-diffusion", "zoo-latent-4x8x8")}
+# per reference family: where its zoo lives, its sidecar "family" value, how its reference is named,
+# and the note the reference carries
+FAMILY_ZOO = {
+    "pixel": (ZOO_DIR, None, "zoo-16px",
+              "benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
+              "procedural images; calibrate your own model family with 'terd-scan calibrate'"),
+    "latent": (FAMILIES_DIR, "latent-diffusion", "zoo-latent-4x8x8",
+               "benign latent-diffusion models of the terd-scan zoo (examples/zoo-families, split=calibration): "
+               "tiny DDPMs on 4 x 8 x 8 AutoencoderKL latents of 16 px procedural images; calibrate your own "
+               "model family with 'terd-scan calibrate'"),
+}
 
 
 def main() -> None:
@@ -41,7 +50,7 @@ def main() -> None:
     ap.add_argument("--no-cache", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    zoo_dir, family_tag, ref_name = FAMILY_ZOO[args.family]
+    zoo_dir, family_tag, ref_name, note = FAMILY_ZOO[args.family]
     benign = [m for m in zoo_models(zoo_dir) if _split(m) == ("benign", "calibration", family_tag)]
     if args.model:
         unknown = set(args.model) - {m.name for m in benign}
@@ -58,22 +67,13 @@ def main() -> None:
                      "mean_kl": r["mean_kl"], "var_kl": r["var_kl"]} for r in rows],
             created_by=f"python benchmarks/build_reference.py --family {args.family} --preset {preset} --seeds {args.seeds}"
                        + "".join(f" --model {m.name}" for m in benign if args.model),
-            notes=[_NOTES[args.family]])
+            notes=[note])
         out = ROOT / "terd_scan" / "references" / f"{FAMILY_PREFIX[args.family]}{preset}.json"
         out.parent.mkdir(exist_ok=True)
         ref.save(out)
         th = ref.thresholds()
         print(f"{preset}: {len(benign)} benign models x {len(seeds)} seeds -> mean_kl <= {th['mean_kl']:.4g}, var_kl <= {th['var_kl']:.4g}"
               f"  ({out.relative_to(ROOT)})")
-
-
-_NOTES = {
-    "pixel": "benign models of the terd-scan zoo (examples/zoo, split=calibration): tiny 16 px DDPMs on "
-             "procedural images; calibrate your own model family with 'terd-scan calibrate'",
-    "latent": "benign latent-diffusion models of the terd-scan zoo (examples/zoo-families, split=calibration): "
-              "tiny DDPMs on 4 x 8 x 8 AutoencoderKL latents of 16 px procedural images; calibrate your own "
-              "model family with 'terd-scan calibrate'",
-}
 
 
 def _split(model_dir: Path) -> tuple[str, str, str | None]:
