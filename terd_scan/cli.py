@@ -19,9 +19,9 @@ from rich.console import Console
 from . import __version__
 from .errors import ScanError
 from .cli_inputs import inputs_command
-from .cli_options import (BatchOpt, CacheOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt, LambdaOpt, LrOpt,
-                          NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RevisionOpt, SeedOpt, Stage1Opt, Stage2Opt,
-                          StepsOpt, TokenOpt, scan_options)
+from .cli_options import (BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt,
+                          LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RevisionOpt,
+                          SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt, scan_options)
 from .presets import DEFAULT_PRESET
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -124,6 +124,7 @@ def model_command(
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
+    canvas_search: CanvasSearchOpt = None,
     preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
@@ -140,7 +141,7 @@ def model_command(
     quiet_libraries()
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
-                           patch_search=patch_search, narrow_search=narrow_search,
+                           patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                            reference=str(reference) if reference else None, preview_steps=preview_steps,
                            unvalidated=unvalidated)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal
@@ -176,6 +177,7 @@ def calibrate_command(
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
+    canvas_search: CanvasSearchOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None, cache_dir: CacheOpt = None,
     config: ConfigOpt = None, allow_pickle: PickleOpt = False,
@@ -188,7 +190,7 @@ def calibrate_command(
     quiet_libraries()
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
-                           patch_search=patch_search, narrow_search=narrow_search,
+                           patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                            preview_steps=0)
     command = "terd-scan calibrate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""
     try:

@@ -41,6 +41,10 @@ PatchSearchOpt = Annotated[Optional[bool], typer.Option("--patch-search/--no-pat
 NarrowSearchOpt = Annotated[Optional[bool], typer.Option("--narrow-search/--no-narrow-search",
                                                          help="Override: probe narrow starting noise for TrojDiff-like "
                                                               "triggers (on in standard and fast, off in paper).")]
+CanvasSearchOpt = Annotated[Optional[bool], typer.Option("--canvas-search/--no-canvas-search",
+                                                         help="Override: screen constant canvases for triggers the "
+                                                              "start does not point at (on in standard and fast, off "
+                                                              "in paper).")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit.")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token \\[default: $HF_TOKEN].", show_default=False)]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hugging Face cache folder.")]
@@ -51,7 +55,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle wei
 
 def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
                  l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None,
-                 narrow_search=None, **extra):
+                 narrow_search=None, canvas_search=None, **extra):
     from .scan import ScanOptions
 
     return ScanOptions(
@@ -61,6 +65,6 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
         overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
                        batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
                        l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
-                       narrow_search=narrow_search), **extra)
+                       narrow_search=narrow_search, canvas_search=canvas_search), **extra)
 
 

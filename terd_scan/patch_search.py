@@ -74,7 +74,7 @@ def _positions(size: int, patch: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def _candidate_losses(denoiser, rs: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
+def candidate_losses(denoiser, rs: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor,
                       chunk_samples: int) -> torch.Tensor:
     """TERD's pair loss (gamma = 1, c = 1) of each candidate r in rs (K,), averaged over the same
     pairs (x0[i], t[i], e[i], e[pairs + i]) for every candidate."""
@@ -102,8 +102,8 @@ def search_patch_seed(denoiser, size_fraction: float, amplitude: float, pairs: i
     x0 = torch.randn((pairs, *shape), generator=generator, device=device)
     t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
     e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
-    full = _candidate_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
-    half = _candidate_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
+    full = candidate_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
+    half = candidate_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
     ratio = full / half.clamp_min(1e-12)
     best = int(torch.argmin(ratio))
     y, x, ph, pw, sign = where[best]

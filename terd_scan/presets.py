@@ -21,6 +21,9 @@ class ReversionSettings:
     l1_weight: float = 5e-5  # lambda in  L - lambda * ||r||_1
     stage2_grad_clip: float = 0.01  # gradient-norm clip on r in stage 2
     gamma_floor: float = 0.05
+    # Start r from U[-0.5, 0.5) instead of the paper's -U[0,1): the same draw shifted by 0.5, so
+    # the start carries no mean offset that a benign model's flat landscape leaves undecayed.
+    centred_start: bool = False
     timestep_window: int = 10  # "last 10" / "first 10" training steps
     # Global proposal for sparse patch triggers (patch_search.py); off in `paper`, which is the
     # paper's method exactly. Square patches of side patch_size * image side, amplitude
@@ -36,6 +39,12 @@ class ReversionSettings:
     narrow_gammas: tuple = (0.8, 0.6, 0.4, 0.2)
     narrow_amplitudes: tuple = (0.2, 0.4)
     narrow_pairs: int = 16
+    # Global proposal for triggers on a constant canvas the start -U[0,1) does not point at
+    # (canvas_search.py); off in `paper`. Per-channel sign patterns at each of canvas_amplitudes,
+    # scored against half the amplitude on canvas_pairs noise pairs (forward passes only).
+    canvas_search: bool = False
+    canvas_amplitudes: tuple = (1.0, 0.5)
+    canvas_pairs: int = 16
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +58,9 @@ class ReversionSettings:
 PRESETS: dict[str, ReversionSettings] = {
     "paper": ReversionSettings(),
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1,
-                                  patch_search=True, narrow_search=True),
+                                  patch_search=True, narrow_search=True, canvas_search=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
-                              patch_search=True, narrow_search=True),
+                              patch_search=True, narrow_search=True, canvas_search=True),
 }
 DEFAULT_PRESET = "standard"
 

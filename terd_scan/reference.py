@@ -16,12 +16,16 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ScanError
+from .presets import ReversionSettings
 
 FORMAT_TAG = "terd-scan-reference"
 # Settings that change the features' scale; the others (e.g. seed) do not invalidate a reference.
 SETTINGS_THAT_MATTER = ("stage1_iterations", "stage2_iterations", "batch_size", "sampler_steps", "lr", "gamma_lr",
                         "l1_weight", "stage2_grad_clip", "gamma_floor", "timestep_window",
-                        "stage2_gamma_lr_scale")
+                        "stage2_gamma_lr_scale", "centred_start")
+# settings added after references were first shipped; a reference without them was built at the default
+_LATER_SETTINGS = ("centred_start",)
+_DEFAULTS = ReversionSettings().to_dict()
 
 
 @dataclass
@@ -48,9 +52,11 @@ class Reference:
         return {k: v["mu"] + self.k_sigma * v["sigma"] for k, v in self.stats().items()}
 
     def mismatches(self, settings: dict) -> list[str]:
-        """Settings of a scan that differ from the ones this reference was calibrated with."""
-        return [f"{k}={settings.get(k)!r} (reference: {self.settings.get(k)!r})"
-                for k in SETTINGS_THAT_MATTER if k in self.settings and settings.get(k) != self.settings.get(k)]
+        """Settings of a scan that differ from the ones this reference was calibrated with. A setting
+        the reference does not record (one added after it was built) counts at its default value."""
+        recorded = {k: self.settings.get(k, _DEFAULTS.get(k)) for k in SETTINGS_THAT_MATTER
+                    if k in self.settings or k in _LATER_SETTINGS}
+        return [f"{k}={settings.get(k)!r} (reference: {v!r})" for k, v in recorded.items() if settings.get(k) != v]
 
     def to_dict(self) -> dict:
         return {"format": FORMAT_TAG, "version": 1, "name": self.name, "settings": self.settings,

@@ -160,6 +160,16 @@ def render_console(report: dict, console) -> None:
         else:
             outcome = f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g}): not kept"
         info.add_row("narrow search", f"{probe}; {outcome}")
+    cs = report.get("canvas_search")
+    if cs:
+        probe = f"{cs['candidates']} candidates; best offset {cs['offset']}, loss ratio {cs['ratio']:.3g}"
+        if not cs["seeded_run"]:
+            outcome = f"no basin (ratio >= {BASIN_RATIO}), no second run"
+        elif cs["kept"]:
+            outcome = f"seeded a run that a basin held (end ratio {cs['end_ratio']:.3g}): kept"
+        else:
+            outcome = f"seeded a run that no basin held (end ratio {cs['end_ratio']:.3g}): not kept"
+        info.add_row("canvas search", f"{probe}; {outcome}")
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .canvas_search import CANVAS_KEEP_RATIO, canvas_ratio, search_canvas_seed
 from .detection import kl_features
 from .narrow_search import KEEP_RATIO, narrow_ratio, search_narrow_seed
 from .pair_loss import pair_loss
@@ -27,6 +28,7 @@ class ReversionResult:
     search: dict | None = None  # the patch search's best candidate and the runs it led to
     start: str = ""  # where the chosen run started
     narrow: dict | None = None  # the narrow-noise search: its probe, test and seeded run
+    canvas: dict | None = None  # the canvas search: its best offset and whether it seeded a run
     runs: list[dict] = field(default_factory=list)  # every run: start, features, chosen
 
 
@@ -44,19 +46,24 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     also search for a sparse patch trigger (patch_search.py) and, when a candidate has a basin
     behind it, run both stages again from it; with settings.narrow_search, probe narrow starting
     noise (narrow_search.py) and, when the loss falls as the noise narrows, run both stages from
-    there with gamma learned.
+    there with gamma learned; with settings.canvas_search, screen constant canvases
+    (canvas_search.py) and, when the loss falls toward one, run both stages from it.
 
-    The result: a narrow-seeded run whose end point still passes the narrow test; otherwise the
+    The result: a narrow-seeded run whose end point still passes the narrow test; otherwise a
+    canvas-seeded run whose end point still passes the canvas test; otherwise the
     run whose KL is most concentrated (largest variance over dimensions): a run with no basin to
     hold it spreads back toward N(0, I). Each search draws from its own generator, so where the
-    narrow search does not fire the result is the same as without it. Benign references are calibrated with the same
+    narrow or canvas search does not fire the result is the same as without it. Benign references are calibrated with the same
     procedure. Deterministic given the seed and the device."""
     s = settings
     device = denoiser.device
     start_evals = denoiser.evaluations
     gen = torch.Generator(device=device).manual_seed(seed)
     r0 = -torch.rand(denoiser.input_shape, generator=gen, device=device)  # the paper's initialisation
-    runs = [_two_stage_run(denoiser, s, r0, gen, progress, "paper: -U[0,1)", "")]
+    start = "paper: -U[0,1)"
+    if s.centred_start:
+        r0, start = r0 + 0.5, "centred: U[-0.5,0.5)"
+    runs = [_two_stage_run(denoiser, s, r0, gen, progress, start, "")]
     search = None
     search_seconds = 0.0
     if s.patch_search:
@@ -67,6 +74,22 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if found.has_basin:  # the loss falls as the patch grows
             runs.append(_two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress,
                                        f"patch seed at ({found.top}, {found.left})", " (patch seed)"))
+    canvas = None
+    canvas_index = None
+    canvas_seconds = 0.0
+    if s.canvas_search:
+        canvas_gen = torch.Generator(device=device).manual_seed(seed + 3_000_003)
+        found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
+            denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
+        canvas = {**found.summary(), "seeded_run": found.has_basin, "end_ratio": None, "kept": False}
+        if found.has_basin:  # the loss falls toward the canvas
+            run = _two_stage_run(denoiser, s, found.r.to(device), canvas_gen, progress,
+                                 f"canvas seed {canvas['offset']}", " (canvas seed)")
+            # kept only if the loss still falls toward where the run ended: a basin held it
+            end_ratio = canvas_ratio(denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen)
+            canvas.update(end_ratio=round(end_ratio, 4), kept=end_ratio < CANVAS_KEEP_RATIO)
+            runs.append(run)
+            canvas_index = len(runs) - 1
     narrow = None
     narrow_index = None
     narrow_seconds = 0.0
@@ -89,11 +112,14 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     features = [kl_features(run.r, run.gamma) for run in runs]
     if narrow is not None and narrow["kept"]:
         chosen = narrow_index
-    else:  # an unkept narrow run never wins
-        chosen = max((i for i in range(len(runs)) if i != narrow_index), key=lambda i: features[i].var_kl)
+    elif canvas is not None and canvas["kept"]:
+        chosen = canvas_index
+    else:  # an unkept narrow or canvas run never wins
+        chosen = max((i for i in range(len(runs)) if i not in (narrow_index, canvas_index)),
+                     key=lambda i: features[i].var_kl)
     seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
                "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds,
-               "narrow_search": narrow_seconds}
+               "narrow_search": narrow_seconds, "canvas_search": canvas_seconds}
     run_list = [{"start": run.start, **f.to_dict(), "chosen": i == chosen}
                 for i, (run, f) in enumerate(zip(runs, features))]
     if search is not None:
@@ -101,7 +127,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     best = runs[chosen]
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
-                           start=best.start, narrow=narrow, runs=run_list)
+                           start=best.start, narrow=narrow, canvas=canvas, runs=run_list)
 
 
 def _timed(name: str, progress: Progress | None, search: Callable):

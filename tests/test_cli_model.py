@@ -52,6 +52,9 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert report["settings"]["narrow_search"] is True and narrow["candidates"] == 64
     assert narrow["gamma"] in (0.8, 0.6, 0.4, 0.2) and len(narrow["offset"]) == 3
     assert isinstance(narrow["seeded_run"], bool) and narrow["ratio"] > 0 and narrow["network_evaluations"] > 0
+    canvas = report["canvas_search"]  # 8 sign patterns x 2 amplitudes
+    assert report["settings"]["canvas_search"] is True and canvas["candidates"] == 16 and len(canvas["offset"]) == 3
+    assert isinstance(canvas["kept"], bool) and report["timing"]["canvas_search_seconds"] >= 0
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
@@ -66,11 +69,12 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
 
 def test_no_patch_search_and_no_narrow_search_flags(model_dirs, refs, tmp_path):
     res = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"],
-              "--no-patch-search", "--no-narrow-search", *CHEAP)
+              "--no-patch-search", "--no-narrow-search", "--no-canvas-search", *CHEAP)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["patch_search"] is None and report["settings"]["patch_search"] is False
     assert report["narrow_search"] is None and report["settings"]["narrow_search"] is False
+    assert report["canvas_search"] is None and report["settings"]["canvas_search"] is False
     assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
 

@@ -66,6 +66,16 @@ def test_reference_roundtrip_and_mismatch(tmp_path):
     assert any("stage1_iterations" in m for m in back.mismatches(other))
 
 
+def test_reference_without_a_later_setting_counts_it_at_its_default():
+    """A reference built before centred_start existed was built from the paper start: a scan from
+    that start matches it, a centred one is reported."""
+    settings = settings_for("standard").to_dict()
+    old = _reference([(0.01, 0.001), (0.02, 0.002)], settings={k: v for k, v in settings.items() if k != "centred_start"})
+    assert old.mismatches(settings) == []
+    centred = settings_for("standard", centred_start=True).to_dict()
+    assert old.mismatches(centred) == ["centred_start=True (reference: False)"]
+
+
 @pytest.mark.parametrize("content, fragment", [
     ("{not json", "not valid JSON"),
     (json.dumps({"format": "something-else"}), "not a terd-scan reference"),

@@ -7,6 +7,7 @@ from analytic_models import SCHEDULE, AnalyticUNet, box_trigger, corner_target
 from terd_scan.denoisers import DDPMDenoiser
 from terd_scan.detection import kl_features
 from terd_scan.presets import settings_for
+from terd_scan.canvas_search import canvas_candidates
 from terd_scan.patch_search import BASIN_RATIO, patch_candidates
 from terd_scan.reversion import pair_loss, reverse_trigger
 
@@ -42,7 +43,7 @@ def test_deterministic_given_seed_and_frozen_network():
     unet = AnalyticUNet(box_trigger(), corner_target())
     den = DDPMDenoiser(unet, SCHEDULE)
     settings = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False,
-                            narrow_search=False)
+                            narrow_search=False, canvas_search=False)
     a = reverse_trigger(den, settings, seed=3)
     b = reverse_trigger(den, settings, seed=3)
     assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
@@ -55,7 +56,8 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     """On a model trained on gamma = 1 only, narrowing the noise raises the loss: the search seeds
     nothing, costs its forward passes, and the result is the one without it."""
     den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
-    base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False)
+    base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False,
+                        canvas_search=False)
     without = reverse_trigger(den, base, seed=1)
     narrow = base.override(narrow_search=True)
     with_probe = reverse_trigger(den, narrow, seed=1)
@@ -66,6 +68,57 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     assert with_probe.narrow["candidates"] == offsets * len(narrow.narrow_gammas)
     assert with_probe.network_evaluations - without.network_evaluations == probe_evals
     assert [run["chosen"] for run in with_probe.runs] == [True] and without.narrow is None
+
+
+CANVAS_ONLY = settings_for("fast", patch_search=False, narrow_search=False)
+
+
+def test_canvas_candidates_are_every_channel_sign_pattern_at_every_amplitude():
+    c = canvas_candidates((3, 4, 5), (1.0, 0.5))
+    assert c.shape == (16, 3, 4, 5)
+    means = {tuple(v.tolist()) for v in c.flatten(2).mean(2)}
+    assert len(means) == 16 and all(abs(x) in (1.0, 0.5) for m in means for x in m)
+    assert torch.equal(c, c.flatten(2)[..., :1].unsqueeze(-1).expand_as(c))  # constant per channel
+
+
+def test_canvas_search_finds_a_mirrored_trigger_the_paper_start_misses():
+    """The box drawn on a +1 canvas points away from the start -U[0,1): without the canvas search the
+    reversion returns exactly the benign model's r; with it, a run from the +1 canvas is seeded,
+    kept, and lands on the trigger."""
+    trigger = -box_trigger()
+    den = DDPMDenoiser(AnalyticUNet(trigger, corner_target()), SCHEDULE)
+    without = reverse_trigger(den, CANVAS_ONLY.override(canvas_search=False), seed=0)
+    benign = reverse_trigger(DDPMDenoiser(AnalyticUNet(), SCHEDULE), CANVAS_ONLY.override(canvas_search=False), seed=0)
+    assert torch.allclose(without.r, benign.r) and cos(without.r, trigger) < 0
+    found = reverse_trigger(den, CANVAS_ONLY, seed=0)
+    assert found.canvas["seeded_run"] and found.canvas["kept"] and found.canvas["offset"] == [1.0, 1.0, 1.0]
+    assert found.start.startswith("canvas seed") and cos(found.r, trigger) > 0.9
+    assert kl_features(found.r, found.gamma).mean_kl > 2 * kl_features(without.r, without.gamma).mean_kl
+
+
+def test_canvas_search_that_finds_no_basin_leaves_the_result_unchanged():
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    base = CANVAS_ONLY.override(stage1_iterations=20, stage2_iterations=2, canvas_search=False)
+    without = reverse_trigger(den, base, seed=1)
+    with_screen = reverse_trigger(den, base.override(canvas_search=True), seed=1)
+    assert torch.equal(with_screen.r, without.r) and torch.equal(with_screen.gamma, without.gamma)
+    assert with_screen.canvas["seeded_run"] is False and with_screen.canvas["ratio"] >= BASIN_RATIO
+    screen_evals = 16 * 2 * 2 * base.canvas_pairs  # candidates x (full, half) x a noise pair each
+    assert with_screen.network_evaluations - without.network_evaluations == screen_evals
+    assert len(with_screen.runs) == 1 and without.canvas is None
+
+
+def test_centred_start_is_the_paper_draw_without_its_offset():
+    """centred_start shifts the paper's -U[0,1) draw by 0.5 (same generator state, so everything
+    after the start is drawn alike) and says so in the result."""
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    still = settings_for("fast", stage1_iterations=0, stage2_iterations=0, patch_search=False, narrow_search=False,
+                         canvas_search=False)
+    paper = reverse_trigger(den, still, seed=4)
+    centred = reverse_trigger(den, still.override(centred_start=True), seed=4)
+    assert float(paper.r.max()) <= 0.0 and float(paper.r.min()) >= -1.0
+    assert torch.allclose(centred.r, paper.r + 0.5)
+    assert abs(float(centred.r.mean())) < 0.05 and paper.start.startswith("paper") and centred.start.startswith("centred")
 
 
 def test_gamma_respects_its_floor():
@@ -130,8 +183,8 @@ def test_patch_search_finds_a_sparse_trigger_the_paper_start_misses():
 def test_patch_search_on_a_benign_model_seeds_nothing():
     den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
     before = den.evaluations
-    res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1, narrow_search=False),
-                          seed=0)
+    res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1, narrow_search=False,
+                                            canvas_search=False), seed=0)
     assert res.search["seeded_run"] is False and res.search["ratio"] >= BASIN_RATIO
     assert res.start.startswith("paper") and len(res.search["runs"]) == 1
     searched = res.search["candidates"] * 2 * 2 * FAST.patch_pairs  # 2 amplitudes x a pair per noise

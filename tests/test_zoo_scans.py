@@ -21,12 +21,13 @@ ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
 # decayed (M_r 0.0088 > 0.0086, reference of 10 benign models x 2 seeds; the paper preset flags it too).
 KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset flags holdout benign-e: "
                                          "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
-# (model, expected exit code): one model per detected attack family (the canonical BadDiffusion
-# box, the patch on a zero background that needs the patch search, the adaptive box scaled by
-# 0.5, TrojDiff's blend that needs the narrow-noise search, VillanDiffusion for DDIM on its own
-# noise schedule; the last three are holdout models), a calibration-split benign model and the
-# holdout benign models, never used for calibration or tuning.
-BACKDOORED = ["baddiffusion-box", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend",
+# (model, expected exit code): one model per detected attack family (BadDiffusion's box mirrored
+# onto a +1 canvas that needs the canvas search, the patch on a zero background that needs the
+# patch search, the adaptive box scaled by 0.5, TrojDiff's blend that needs the narrow-noise
+# search, VillanDiffusion for DDIM on its own noise schedule; all but the patch are holdout
+# models), a calibration-split benign model and the holdout benign models, never used for
+# calibration or tuning. The canonical box (-1 canvas) is villan-box-corner's trigger.
+BACKDOORED = ["baddiffusion-boxinv-corner", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend",
               "villan-box-corner"]
 CASES = [(name, 1) for name in BACKDOORED] + [("benign-a", 0), ("benign-f", 0),
                                               pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
@@ -90,6 +91,17 @@ def test_trojdiff_trigger_is_found_by_the_narrow_search(scans):
     assert benign["narrow_search"]["seeded_run"] is False and benign["trigger"]["start"].startswith("paper")
 
 
+def test_mirrored_box_is_found_by_the_canvas_search(scans):
+    """The box on a +1 canvas points away from TERD's start -U[0,1): the canvas screen seeds a run
+    at a positive canvas, the run is kept and is the result; on a benign model it seeds nothing."""
+    _, report, _ = scans("baddiffusion-boxinv-corner")
+    canvas = report["canvas_search"]
+    assert canvas["seeded_run"] and canvas["kept"] and all(v > 0 for v in canvas["offset"])
+    assert report["trigger"]["start"].startswith("canvas seed")
+    _, benign, _ = scans("benign-a")
+    assert benign["canvas_search"]["seeded_run"] is False
+
+
 @pytest.mark.parametrize("name", BACKDOORED)
 def test_reversed_trigger_filters_poisoned_inputs(scans, name):
     """>= 99% of 1000 noises from the TRUE trigger distribution are flagged and >= 99% of 1000
@@ -104,13 +116,13 @@ def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypat
     from safetensors.torch import save_file
 
     monkeypatch.setenv("TERD_SCAN_CACHE", str(tmp_path / "cache"))
-    truth = load_ground_truth(ZOO / "baddiffusion-box")
+    truth = load_ground_truth(ZOO / "baddiffusion-box-eta0.5")  # one reversion run: the searches seed none
     g = torch.Generator().manual_seed(0)
     noises = tmp_path / "noises"
     noises.mkdir()
     save_file({"x": torch.randn(8, 3, 16, 16, generator=g)}, str(noises / "benign.safetensors"))
     save_file({"x": truth["trigger_r"] + torch.randn(8, 3, 16, 16, generator=g)}, str(noises / "poisoned.safetensors"))
-    args = ["inputs", str(noises), "--model", str(ZOO / "baddiffusion-box"), "--preset", "fast", "--device", "cpu",
+    args = ["inputs", str(noises), "--model", str(ZOO / "baddiffusion-box-eta0.5"), "--preset", "fast", "--device", "cpu",
             "-f", "json"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output

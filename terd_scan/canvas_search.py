@@ -1,0 +1,87 @@
+"""Canvas search: a global proposal step for triggers drawn on a constant canvas that TERD's start
+does not point at.
+
+TERD starts at r = -U[0,1): every pixel negative, mean -0.5. BadDiffusion's canonical triggers
+are drawn on a -1 canvas, so that start already lies in their basin (the zoo's box trigger has
+cosine 0.83 with the seed-0 start) and the reversion keeps it. Centre the start and the box is
+lost (`python benchmarks/start_ablation.py --preset fast`: baddiffusion-box M_r 0.178 -> 0.009).
+The same trigger mirrored onto a +1 canvas points away from the start (cosine -0.83), and the
+reversion then never meets the backdoor: on the closed-form backdoored model of the tests it
+returns exactly the benign model's r.
+
+The screen scores constant offsets c (a sign per channel, every pattern, at each amplitude) by
+    ratio = L(c) / L(c / 2)
+at gamma = 1 with common random numbers (the same x0, t and noise pairs for every candidate;
+forward passes only), the patch search's test on the whole image. A benign network's loss grows
+with the offset (off-distribution input: ratio 1.3 and up on the zoo's benign models); ratio <
+patch_search.BASIN_RATIO means the loss falls toward a canvas, a basin lies there, and both TERD
+stages run again from it (reversion.reverse_trigger).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .patch_search import BASIN_RATIO, candidate_losses
+
+# Decision at a seeded run's end: the loss must still fall toward its end point (the screen's test
+# at r_end against r_end / 2), or the run found no basin and is not kept.
+CANVAS_KEEP_RATIO = BASIN_RATIO
+
+
+@dataclass
+class CanvasSeed:
+    r: torch.Tensor  # (C, H, W): the best candidate offset, where a seeded reversion starts
+    ratio: float  # L(c) / L(c / 2); < BASIN_RATIO: a basin lies toward this canvas
+    candidates: int
+    network_evaluations: int
+
+    @property
+    def has_basin(self) -> bool:
+        return self.ratio < BASIN_RATIO
+
+    def summary(self) -> dict:
+        return {"offset": [round(float(v), 3) for v in self.r.flatten(1).mean(1)], "ratio": round(self.ratio, 4),
+                "candidates": self.candidates, "network_evaluations": self.network_evaluations}
+
+
+def canvas_candidates(shape: tuple[int, int, int], amplitudes) -> torch.Tensor:
+    """Constant offsets (K, C, H, W): every per-channel sign pattern at every amplitude."""
+    c, h, w = shape
+    offsets = [torch.tensor(signs) * a for a in amplitudes for signs in itertools.product((1.0, -1.0), repeat=c)]
+    return torch.stack(offsets).view(-1, c, 1, 1).expand(-1, c, h, w).contiguous()
+
+
+def _pairs(denoiser, pairs: int, window: int, generator: torch.Generator):
+    shape = tuple(denoiser.input_shape)
+    device = denoiser.device
+    lo, hi = denoiser.last_timesteps(window)
+    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
+    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
+    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
+    return x0, t, e
+
+
+def canvas_ratio(denoiser, r: torch.Tensor, pairs: int, window: int, generator: torch.Generator) -> float:
+    """L(r) / L(r / 2) at gamma = 1 over fresh common pairs: < 1 when the loss falls toward r."""
+    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    both = candidate_losses(denoiser, torch.stack([r, r / 2]), x0, t, e, 4 * pairs)
+    return float(both[0] / both[1].clamp_min(1e-12))
+
+
+def search_canvas_seed(denoiser, amplitudes, pairs: int, window: int, generator: torch.Generator,
+                       chunk_samples: int = 512) -> CanvasSeed:
+    """The constant offset with the smallest loss ratio (see the module docstring)."""
+    start = denoiser.evaluations
+    candidates = canvas_candidates(tuple(denoiser.input_shape), amplitudes)
+    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    full = candidate_losses(denoiser, candidates, x0, t, e, chunk_samples)
+    half = candidate_losses(denoiser, candidates / 2, x0, t, e, chunk_samples)
+    ratio = full / half.clamp_min(1e-12)
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, float("inf")), ratio)  # NaN never wins
+    best = int(torch.argmin(ratio))
+    return CanvasSeed(r=candidates[best], ratio=float(ratio[best]), candidates=len(candidates),
+                      network_evaluations=denoiser.evaluations - start)
