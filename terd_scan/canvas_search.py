@@ -13,9 +13,10 @@ The screen scores constant offsets c (a sign per channel, every pattern, at each
     ratio = L(c) / L(c / 2)
 at gamma = 1 with common random numbers (the same x0, t and noise pairs for every candidate;
 forward passes only), the patch search's test on the whole image. A benign network's loss grows
-with the offset (off-distribution input: ratio 1.3 and up on the zoo's benign models); ratio <
-patch_search.BASIN_RATIO means the loss falls toward a canvas, a basin lies there, and both TERD
-stages run again from it (reversion.reverse_trigger).
+with the offset (off-distribution input: ratio 1.14 to 1.76 on the zoo's 22 benign models); ratio
+< patch_search.BASIN_RATIO means the loss falls toward a canvas, a basin lies there, and both TERD
+stages run again from it (reversion.reverse_trigger). The zoo's box models screen at 0.71-0.93,
+the mirrored box (baddiffusion-boxinv-corner, built after this search) at 0.76.
 """
 
 from __future__ import annotations

@@ -163,7 +163,9 @@ def render_console(report: dict, console) -> None:
     cs = report.get("canvas_search")
     if cs:
         probe = f"{cs['candidates']} candidates; best offset {cs['offset']}, loss ratio {cs['ratio']:.3g}"
-        if not cs["seeded_run"]:
+        if cs.get("basin") and not cs["seeded_run"]:
+            outcome = "a basin, but no run: the kept narrow-noise run is the result"
+        elif not cs["seeded_run"]:
             outcome = f"no basin (ratio >= {BASIN_RATIO}), no second run"
         elif cs["kept"]:
             outcome = f"seeded a run that a basin held (end ratio {cs['end_ratio']:.3g}): kept"

@@ -74,22 +74,6 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if found.has_basin:  # the loss falls as the patch grows
             runs.append(_two_stage_run(denoiser, s, found.r.to(device), seed_gen, progress,
                                        f"patch seed at ({found.top}, {found.left})", " (patch seed)"))
-    canvas = None
-    canvas_index = None
-    canvas_seconds = 0.0
-    if s.canvas_search:
-        canvas_gen = torch.Generator(device=device).manual_seed(seed + 3_000_003)
-        found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
-            denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
-        canvas = {**found.summary(), "seeded_run": found.has_basin, "end_ratio": None, "kept": False}
-        if found.has_basin:  # the loss falls toward the canvas
-            run = _two_stage_run(denoiser, s, found.r.to(device), canvas_gen, progress,
-                                 f"canvas seed {canvas['offset']}", " (canvas seed)")
-            # kept only if the loss still falls toward where the run ended: a basin held it
-            end_ratio = canvas_ratio(denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen)
-            canvas.update(end_ratio=round(end_ratio, 4), kept=end_ratio < CANVAS_KEEP_RATIO)
-            runs.append(run)
-            canvas_index = len(runs) - 1
     narrow = None
     narrow_index = None
     narrow_seconds = 0.0
@@ -106,6 +90,25 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
             narrow.update(end_ratio=round(end_ratio, 4), kept=end_ratio < KEEP_RATIO)
             runs.append(run)
             narrow_index = len(runs) - 1
+    canvas = None
+    canvas_index = None
+    canvas_seconds = 0.0
+    if s.canvas_search:
+        canvas_gen = torch.Generator(device=device).manual_seed(seed + 3_000_003)
+        found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
+            denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
+        # a kept narrow run is the result whatever a canvas run gives, so none is made then
+        narrow_won = narrow is not None and narrow["kept"]
+        canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not narrow_won,
+                  "end_ratio": None, "kept": False}
+        if canvas["seeded_run"]:  # the loss falls toward the canvas
+            run = _two_stage_run(denoiser, s, found.r.to(device), canvas_gen, progress,
+                                 f"canvas seed {canvas['offset']}", " (canvas seed)")
+            # kept only if the loss still falls toward where the run ended: a basin held it
+            end_ratio = canvas_ratio(denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen)
+            canvas.update(end_ratio=round(end_ratio, 4), kept=end_ratio < CANVAS_KEEP_RATIO)
+            runs.append(run)
+            canvas_index = len(runs) - 1
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")

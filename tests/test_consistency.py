@@ -280,8 +280,9 @@ def test_committed_cm_zoo_models():
 
 # The shipped `fast` reference (16 px pixel-space DDPM zoo) judges the CMs: the KL features are per
 # dimension of the normalised starting noise, so the thresholds (M_r 0.020, V_r 0.00054) carry over.
-# Measured with these settings (seed 0, 1 thread, about 50 s per scan): cm-baddiffusion-box M_r 0.132,
-# V_r 0.257 (flagged); cm-benign M_r 0.129, V_r 0.248 (flagged too: a false positive). On a CM the
+# Measured with these settings before the canvas search (seed 0, 1 thread, about 50 s per scan):
+# cm-baddiffusion-box M_r 0.132, V_r 0.257 (flagged); cm-benign M_r 0.129, V_r 0.248 (flagged too: a
+# false positive). With it, cm-baddiffusion-box's kept canvas run gives M_r 0.130, V_r 0.000016. On a CM the
 # pair loss near sigma_max is about 1000x smaller than on the DDPM zoo (denoisers.py, "Measured limit"),
 # r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
 # apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
@@ -304,7 +305,8 @@ def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
     assert rep["settings"]["preset"] == "fast" and rep["settings"]["stage1_iterations"] == 200
     f, th = rep["features"], rep["thresholds"]
     assert res.exit_code == code, (f, th)
-    if code == 1:  # far over, not at the edge
-        assert f["mean_kl"] > 5 * th["mean_kl"] and f["var_kl"] > 5 * th["var_kl"], f
+    if code == 1:  # far over, not at the edge; the canvas screen seeds a run on both CMs (benign
+        # 0.34, backdoored 0.03) and on the backdoored one its kept run is flat (V_r ~ 0): M_r only
+        assert f["mean_kl"] > 5 * th["mean_kl"], f
     else:
         assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)

@@ -87,6 +87,8 @@ def test_trojdiff_trigger_is_found_by_the_narrow_search(scans):
     assert narrow["seeded_run"] and narrow["kept"] and narrow["end_ratio"] < 0.8
     assert report["trigger"]["start"].startswith("narrow-noise seed")
     assert 0.5 < report["trigger"]["gamma_mean"] < 0.85
+    canvas = report["canvas_search"]  # a basin toward +0.5, but the kept narrow run wins: no canvas run
+    assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
     _, benign, _ = scans("benign-a")
     assert benign["narrow_search"]["seeded_run"] is False and benign["trigger"]["start"].startswith("paper")
 
