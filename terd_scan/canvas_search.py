@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .pair_loss import common_pairs
 from .patch_search import BASIN_RATIO, candidate_losses
 
 # Decision at a seeded run's end: the loss must still fall toward its end point (the screen's test
@@ -56,19 +57,9 @@ def canvas_candidates(shape: tuple[int, int, int], amplitudes) -> torch.Tensor:
     return torch.stack(offsets).view(-1, c, 1, 1).expand(-1, c, h, w).contiguous()
 
 
-def _pairs(denoiser, pairs: int, window: int, generator: torch.Generator):
-    shape = tuple(denoiser.input_shape)
-    device = denoiser.device
-    lo, hi = denoiser.last_timesteps(window)
-    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
-    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
-    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
-    return x0, t, e
-
-
 def canvas_ratio(denoiser, r: torch.Tensor, pairs: int, window: int, generator: torch.Generator) -> float:
     """L(r) / L(r / 2) at gamma = 1 over fresh common pairs: < 1 when the loss falls toward r."""
-    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    x0, t, e = common_pairs(denoiser, pairs, window, generator)
     both = candidate_losses(denoiser, torch.stack([r, r / 2]), x0, t, e, 4 * pairs)
     return float(both[0] / both[1].clamp_min(1e-12))
 
@@ -78,7 +69,7 @@ def search_canvas_seed(denoiser, amplitudes, pairs: int, window: int, generator:
     """The constant offset with the smallest loss ratio (see the module docstring)."""
     start = denoiser.evaluations
     candidates = canvas_candidates(tuple(denoiser.input_shape), amplitudes)
-    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    x0, t, e = common_pairs(denoiser, pairs, window, generator)
     full = candidate_losses(denoiser, candidates, x0, t, e, chunk_samples)
     half = candidate_losses(denoiser, candidates / 2, x0, t, e, chunk_samples)
     ratio = full / half.clamp_min(1e-12)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .pair_loss import pair_losses
+from .pair_loss import common_pairs, pair_losses
 
 # Screen: seed a run when the loss falls as the noise narrows.
 SEED_RATIO = 1.0
@@ -56,20 +56,10 @@ class NarrowSeed:
                 "candidates": self.candidates, "network_evaluations": self.network_evaluations}
 
 
-def _pairs(denoiser, pairs: int, window: int, generator: torch.Generator):
-    shape = tuple(denoiser.input_shape)
-    device = denoiser.device
-    lo, hi = denoiser.last_timesteps(window)
-    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
-    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
-    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
-    return x0, t, e
-
-
 def narrow_ratio(denoiser, r: torch.Tensor, gamma, pairs: int, window: int, generator: torch.Generator) -> float:
     """L(r, gamma) / L(r, 1) over the same pairs (x0 ~ N(0, I), t in the last `window` steps, noises);
     gamma is a number or a (C, H, W) tensor."""
-    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    x0, t, e = common_pairs(denoiser, pairs, window, generator)
     with torch.no_grad():
         narrow = pair_losses(denoiser, x0, r, gamma, t, 1.0, e).mean()
         wide = pair_losses(denoiser, x0, r, 1.0, t, 1.0, e).mean()
@@ -82,7 +72,7 @@ def search_narrow_seed(denoiser, gammas, amplitudes, pairs: int, window: int,
     start = denoiser.evaluations
     shape = tuple(denoiser.input_shape)
     device = denoiser.device
-    x0, t, e = _pairs(denoiser, pairs, window, generator)
+    x0, t, e = common_pairs(denoiser, pairs, window, generator)
     best = None
     candidates = 0
     with torch.no_grad():

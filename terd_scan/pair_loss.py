@@ -1,5 +1,6 @@
-"""TERD's reversed loss, one definition for the reversion (reversion.py) and the patch search
-(patch_search.py)."""
+"""TERD's reversed loss, one definition for the reversion (reversion.py) and the searches
+(patch_search.py, narrow_search.py, canvas_search.py), and the common noise pairs the searches
+score every candidate on."""
 
 from __future__ import annotations
 
@@ -33,3 +34,15 @@ def pair_loss(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor, 
     L = mean_batch 0.5 * sum_pixels ((e1 - eps(x~(e1))) - (e2 - eps(x~(e2))))^2 (see pair_losses)."""
     e = torch.randn((2 * x0.shape[0], *x0.shape[1:]), generator=generator, device=x0.device)
     return pair_losses(denoiser, x0, r, gamma, t, c, e).mean()
+
+
+def common_pairs(denoiser, pairs: int, window: int, generator: torch.Generator):
+    """(x0, t, e) for `pairs` noise pairs: x0 ~ N(0, I), t in the last `window` training steps, and
+    2 * pairs noises; drawn in this order from the generator, the same for every candidate."""
+    shape = tuple(denoiser.input_shape)
+    device = denoiser.device
+    lo, hi = denoiser.last_timesteps(window)
+    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
+    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
+    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
+    return x0, t, e

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .pair_loss import pair_losses
+from .pair_loss import common_pairs, pair_losses
 
 # A candidate seeds a reversion only when the loss falls by at least 2% as the patch doubles: a tie
 # is no basin (a network linear in its input gives ratio 1 exactly, up to rounding).
@@ -95,13 +95,8 @@ def search_patch_seed(denoiser, size_fraction: float, amplitude: float, pairs: i
                       generator: torch.Generator, chunk_samples: int = 512) -> PatchSeed:
     """The candidate patch with the smallest loss ratio (see the module docstring)."""
     start = denoiser.evaluations
-    shape = tuple(denoiser.input_shape)
-    device = denoiser.device
-    patches, where = patch_candidates(shape, size_fraction)
-    lo, hi = denoiser.last_timesteps(window)
-    x0 = torch.randn((pairs, *shape), generator=generator, device=device)
-    t = torch.randint(lo, hi + 1, (pairs,), generator=generator, device=device)
-    e = torch.randn((2 * pairs, *shape), generator=generator, device=device)
+    patches, where = patch_candidates(tuple(denoiser.input_shape), size_fraction)
+    x0, t, e = common_pairs(denoiser, pairs, window, generator)
     full = candidate_losses(denoiser, patches * amplitude, x0, t, e, chunk_samples)
     half = candidate_losses(denoiser, patches * (amplitude / 2), x0, t, e, chunk_samples)
     ratio = full / half.clamp_min(1e-12)
