@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from terd_scan.input_detection import detection_rates
-from terd_scan.presets import settings_for
+from terd_scan.presets import ReversionSettings, settings_for
 from terd_scan.scan import ScanOptions, reverse_model, weights_fingerprint
 from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
@@ -22,9 +22,10 @@ ZOO_DIR = ROOT / "examples" / "zoo"
 FAMILIES_DIR = ROOT / "examples" / "zoo-families"
 CACHE = ROOT / "benchmarks" / "cache"
 ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates, trigger_scale)
-# Settings added after the cache was filled, at the value that reproduces the earlier scans: left
-# out of the cache key at that value, so a new knob, off, does not invalidate every cached scan.
-LATER_SETTINGS = {"centred_start": False, "canvas_search": False, "canvas_amplitudes": (1.0, 0.5), "canvas_pairs": 16}
+# Settings added after the cache was filled: left out of the cache key at their ReversionSettings
+# default (off, which reproduces the earlier scans), so a new knob does not invalidate every cached scan.
+LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas_pairs")
+_DEFAULTS = ReversionSettings().to_dict()
 
 
 def zoo_models(zoo_dir: Path = ZOO_DIR) -> list[Path]:
@@ -39,7 +40,7 @@ def cache_path(model_dir: Path, preset: str, seed: int, overrides: dict | None =
     """Where the reversion of a zoo model with these settings is cached: keyed by the settings'
     values (so a changed preset misses the cache) and the weight files' sizes and times."""
     settings = settings_for(preset, **(overrides or {})).to_dict()
-    settings = {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
+    settings = {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != _DEFAULTS[k]}
     key_src = json.dumps({"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
                           "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                             for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
