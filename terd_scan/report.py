@@ -153,24 +153,15 @@ def render_console(report: dict, console) -> None:
     if ns:
         probe = (f"{ns['candidates']} candidates; best offset {ns['offset']} at gamma {ns['gamma']:g}, "
                  f"loss ratio narrow/wide {ns['ratio']:.3g}")
-        if not ns["seeded_run"]:
-            outcome = f"no basin (ratio >= {SEED_RATIO}), no second run"
-        elif ns["kept"]:
-            outcome = f"seeded a run that stayed narrow (end ratio {ns['end_ratio']:.3g}): kept"
-        else:
-            outcome = f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g}): not kept"
+        outcome = _seeded_run_outcome(ns, SEED_RATIO, "stayed narrow", "spread back")
         info.add_row("narrow search", f"{probe}; {outcome}")
     cs = report.get("canvas_search")
     if cs:
         probe = f"{cs['candidates']} candidates; best offset {cs['offset']}, loss ratio {cs['ratio']:.3g}"
         if cs.get("basin") and not cs["seeded_run"]:
             outcome = "a basin, but no run: the kept narrow-noise run is the result"
-        elif not cs["seeded_run"]:
-            outcome = f"no basin (ratio >= {BASIN_RATIO}), no second run"
-        elif cs["kept"]:
-            outcome = f"seeded a run that a basin held (end ratio {cs['end_ratio']:.3g}): kept"
         else:
-            outcome = f"seeded a run that no basin held (end ratio {cs['end_ratio']:.3g}): not kept"
+            outcome = _seeded_run_outcome(cs, BASIN_RATIO, "a basin held", "no basin held")
         info.add_row("canvas search", f"{probe}; {outcome}")
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
@@ -179,6 +170,15 @@ def render_console(report: dict, console) -> None:
     for w in report.get("warnings", []):
         info.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
     console.print(info)
+
+
+def _seeded_run_outcome(search: dict, seed_ratio: float, held: str, not_held: str) -> str:
+    """What a search's seeded run came to: no run, kept, or not kept (held / not_held say why)."""
+    if not search["seeded_run"]:
+        return f"no basin (ratio >= {seed_ratio}), no second run"
+    if search["kept"]:
+        return f"seeded a run that {held} (end ratio {search['end_ratio']:.3g}): kept"
+    return f"seeded a run that {not_held} (end ratio {search['end_ratio']:.3g}): not kept"
 
 
 def _to_pixels(x: torch.Tensor, lo: float | None = None, hi: float | None = None) -> torch.Tensor:

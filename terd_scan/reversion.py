@@ -82,14 +82,12 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         probe, narrow_seconds = _timed("narrow-noise search", progress, lambda: search_narrow_seed(
             denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs, s.timestep_window, narrow_gen))
         narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
-        if probe.has_basin:  # the loss falls as the noise narrows
-            run = _two_stage_run(denoiser, s, probe.r, narrow_gen, progress,
-                                 f"narrow-noise seed (offset {narrow['offset']}, gamma {probe.gamma:g})",
-                                 " (narrow seed)", gamma_start=probe.gamma)
-            end_ratio = narrow_ratio(denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen)
-            narrow.update(end_ratio=round(end_ratio, 4), kept=end_ratio < KEEP_RATIO)
-            runs.append(run)
-            narrow_index = len(runs) - 1
+        if probe.has_basin:  # the loss falls as the noise narrows; kept if the run stays narrow
+            narrow_index = _tested_run(runs, narrow, KEEP_RATIO, lambda: _two_stage_run(
+                denoiser, s, probe.r, narrow_gen, progress,
+                f"narrow-noise seed (offset {narrow['offset']}, gamma {probe.gamma:g})", " (narrow seed)",
+                gamma_start=probe.gamma), lambda run: narrow_ratio(
+                denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen))
     canvas = None
     canvas_index = None
     canvas_seconds = 0.0
@@ -101,14 +99,11 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         narrow_won = narrow is not None and narrow["kept"]
         canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not narrow_won,
                   "end_ratio": None, "kept": False}
-        if canvas["seeded_run"]:  # the loss falls toward the canvas
-            run = _two_stage_run(denoiser, s, found.r.to(device), canvas_gen, progress,
-                                 f"canvas seed {canvas['offset']}", " (canvas seed)")
-            # kept only if the loss still falls toward where the run ended: a basin held it
-            end_ratio = canvas_ratio(denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen)
-            canvas.update(end_ratio=round(end_ratio, 4), kept=end_ratio < CANVAS_KEEP_RATIO)
-            runs.append(run)
-            canvas_index = len(runs) - 1
+        if canvas["seeded_run"]:  # the loss falls toward the canvas; kept if it still falls toward the end point
+            canvas_index = _tested_run(runs, canvas, CANVAS_KEEP_RATIO, lambda: _two_stage_run(
+                denoiser, s, found.r.to(device), canvas_gen, progress, f"canvas seed {canvas['offset']}",
+                " (canvas seed)"), lambda run: canvas_ratio(
+                denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen))
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
@@ -131,6 +126,17 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
                            start=best.start, narrow=narrow, canvas=canvas, runs=run_list)
+
+
+def _tested_run(runs: list, outcome: dict, keep_below: float, run: Callable[[], "_Run"],
+                end_test: Callable[["_Run"], float]) -> int:
+    """A seeded run and the test at its end point: append the run, record its end ratio and
+    whether it is kept (end ratio < keep_below) in `outcome`, and return the run's index."""
+    done = run()
+    end_ratio = end_test(done)
+    outcome.update(end_ratio=round(end_ratio, 4), kept=end_ratio < keep_below)
+    runs.append(done)
+    return len(runs) - 1
 
 
 def _timed(name: str, progress: Progress | None, search: Callable):
