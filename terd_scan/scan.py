@@ -22,6 +22,7 @@ from .denoisers import make_denoiser
 from .detection import judge, kl_features
 from .errors import ScanError, UnsupportedModelError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
+from .previews import Previews, sample_previews
 from .reference import Reference, shipped_reference
 from .report import to_json, trigger_image, write_atomic
 from .reversion import reverse_trigger
@@ -52,7 +53,7 @@ class ScanOptions:
 class ScanResult:
     report: dict
     trigger: Trigger
-    previews: tuple[torch.Tensor, torch.Tensor] | None  # (from benign noise, from the trigger)
+    previews: Previews | None  # sampled from benign noise and from the trigger
     trace: dict
 
 
@@ -193,16 +194,10 @@ def scan_model(source: str, options: ScanOptions | None = None,
 
     previews = None
     if options.preview_samples > 0 and options.preview_steps > 0:
-        gen = torch.Generator(device=device).manual_seed(options.seed + 1)
-        shape = (options.preview_samples, *denoiser.input_shape)
-        noise = torch.randn(shape, generator=gen, device=device)
-        r, g = result.r.to(device), result.gamma.to(device)
         if progress:
             progress("previews: sampling", 0, 1)
-        both = denoiser.ancestral_sample(torch.cat([noise, g * noise + r]), options.preview_steps, generator=gen)
-        if hasattr(denoiser, "decode"):  # latent diffusion: show images, not latents
-            both = denoiser.decode(both)
-        previews = (both[: shape[0]].cpu(), both[shape[0]:].cpu())
+        previews = sample_previews(denoiser, result.r, result.gamma, options.preview_samples, options.preview_steps,
+                                   seed=options.seed + 1)
         if progress:
             progress("previews: sampling", 1, 1)
 
@@ -305,7 +300,8 @@ def write_artefacts(result: ScanResult, out_dir: str | Path) -> dict:
     try:
         result.trigger.save(paths["trigger_safetensors"])
         if result.previews is not None:
-            write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, *result.previews,
+            write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, result.previews.benign,
+                                                             result.previews.trigger,
                                                              latent=bool(result.report["model"].get("latent"))))
         write_atomic(paths["trace_json"], json.dumps(result.trace).encode())
         write_atomic(paths["report_json"], to_json(result.report).encode())

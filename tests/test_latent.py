@@ -199,7 +199,7 @@ def test_ldm_scan_reports_latent_space_and_decodes_previews(tmp_path, cls):
                                       patch_search=False), device="cpu", reference=_lenient_reference(tmp_path),
                        preview_samples=2, preview_steps=3)
     result = scan_model(d, opts)
-    benign, triggered = result.previews
+    benign, triggered = result.previews.benign, result.previews.trigger
     assert benign.shape == triggered.shape == (2, 3, 16, 16)
     # and the console report names the latent space
     from rich.console import Console
