@@ -17,10 +17,17 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # discard port: nothing real is ever reached
+# the reversed-trigger cache of `inputs --model`: per test process, never the user's ~/.cache
+os.environ["TERD_SCAN_CACHE"] = os.path.join(_HF_HOME, "terd-scan-cache")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `-n N` workers: one core each, no oversubscription
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
 
 import fixtures_models as fm  # noqa: E402
 

@@ -21,19 +21,10 @@ ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
 # decayed (M_r 0.0088 > 0.0086, reference of 10 benign models x 2 seeds; the paper preset flags it too).
 KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset flags holdout benign-e: "
                                          "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
-# (model, expected exit code): one model per detected attack family (BadDiffusion's box mirrored
-# onto a +1 canvas that needs the canvas search, the patch on a zero background that needs the
-# patch search, the adaptive box scaled by 0.5, TrojDiff's blend that needs the narrow-noise
-# search, VillanDiffusion for DDIM on its own noise schedule; all but the patch are holdout
-# models), a calibration-split benign model and the holdout benign models, never used for
-# calibration or tuning. The canonical box (-1 canvas) is villan-box-corner's trigger.
-BACKDOORED = ["baddiffusion-boxinv-corner", "baddiffusion-patch", "baddiffusion-box-eta0.5", "trojdiff-blend",
-              "villan-box-corner"]
-CASES = [(name, 1) for name in BACKDOORED] + [("benign-a", 0), ("benign-f", 0),
-                                              pytest.param("benign-e", 0, marks=KNOWN_FALSE_POSITIVE)]
+MIN_COSINE = 0.8  # the recovered r's cosine with the true trigger; TrojDiff's is recovered less exactly
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def scans(tmp_path_factory):
     """Each zoo model scanned once through the CLI: {name: (exit code, report, out dir)}."""
     done = {}
@@ -50,68 +41,114 @@ def scans(tmp_path_factory):
     return scan
 
 
-@pytest.mark.parametrize("name, expected", CASES)
-def test_zoo_verdict(scans, name, expected):
-    code, report, _ = scans(name)
-    assert code == expected, (report["features"], report["thresholds"])
-    assert report["verdict"] == ("backdoored" if expected else "clean")
-    assert report["warnings"] == []
+# One class per zoo model: `pytest -n 2 --dist loadscope` runs a class on one worker, so each model
+# is scanned once and the scans spread over the workers. The slice: one model per detected attack
+# family (BadDiffusion's box mirrored onto a +1 canvas that needs the canvas search, the patch on a
+# zero background that needs the patch search, the adaptive box scaled by 0.5, TrojDiff's blend
+# that needs the narrow-noise search, VillanDiffusion for DDIM on its own noise schedule; all but
+# the patch are holdout models), a calibration-split benign model and the holdout benign models,
+# never used for calibration or tuning. The canonical box (-1 canvas) is villan-box-corner's trigger.
+class ZooModel:
+    name: str
+    expected = 0  # exit code: 0 clean, 1 backdoored
+
+    def test_verdict(self, scans):
+        code, report, _ = scans(self.name)
+        assert code == self.expected, (report["features"], report["thresholds"])
+        assert report["verdict"] == ("backdoored" if self.expected else "clean")
+        assert report["warnings"] == []
 
 
-# TrojDiff's r is recovered less exactly (standard: cosine 0.77, gamma learned 0.6-0.75 for a true
-# 0.6; benchmarks/results/quality-fast-standard.json), the others above 0.88.
-MIN_COSINE = {"trojdiff-blend": 0.7}
+class BackdooredZooModel(ZooModel):
+    expected = 1
+    min_cosine = MIN_COSINE
+
+    def test_recovered_trigger_correlates_with_the_true_one(self, scans):
+        _, _, out = scans(self.name)
+        r = Trigger.load(out / "trigger.safetensors").r
+        true_r = load_ground_truth(ZOO / self.name)["trigger_r"]
+        cos = float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0))
+        assert cos > self.min_cosine, f"recovered r has cosine {cos:.3f} with the true trigger"
+
+    def test_reversed_trigger_filters_poisoned_inputs(self, scans):
+        """>= 99% of 1000 noises from the TRUE trigger distribution are flagged and >= 99% of 1000
+        benign N(0, I) noises pass, with the trigger REVERSED from the model."""
+        _, _, out = scans(self.name)
+        reversed_trigger = Trigger.load(out / "trigger.safetensors")
+        rates = detection_rates(reversed_trigger, ground_truth_trigger(ZOO / self.name / "ground_truth.safetensors"),
+                                n=1000)
+        assert rates["tpr"] >= 0.99 and rates["tnr"] >= 0.99, rates
 
 
-@pytest.mark.parametrize("name", BACKDOORED)
-def test_recovered_trigger_correlates_with_the_true_one(scans, name):
-    _, _, out = scans(name)
-    r = Trigger.load(out / "trigger.safetensors").r
-    true_r = load_ground_truth(ZOO / name)["trigger_r"]
-    cos = float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0))
-    assert cos > MIN_COSINE.get(name, 0.8), f"recovered r has cosine {cos:.3f} with the true trigger"
+class TestMirroredBox(BackdooredZooModel):
+    name = "baddiffusion-boxinv-corner"
+
+    def test_found_by_the_canvas_search(self, scans):
+        """The box on a +1 canvas points away from TERD's start -U[0,1): the canvas screen seeds a
+        run at a positive canvas, the run is kept and is the result."""
+        _, report, _ = scans(self.name)
+        canvas = report["canvas_search"]
+        assert canvas["seeded_run"] and canvas["kept"] and all(v > 0 for v in canvas["offset"])
+        assert report["trigger"]["start"].startswith("canvas seed")
 
 
-def test_patch_trigger_is_found_by_the_patch_search(scans):
-    _, report, _ = scans("baddiffusion-patch")
-    search = report["patch_search"]
-    assert (search["top"], search["left"]) == (11, 11) and search["seeded_run"]
-    assert report["trigger"]["start"] == "patch seed at (11, 11)"
+class TestPatch(BackdooredZooModel):
+    name = "baddiffusion-patch"
+
+    def test_found_by_the_patch_search(self, scans):
+        _, report, _ = scans(self.name)
+        search = report["patch_search"]
+        assert (search["top"], search["left"]) == (11, 11) and search["seeded_run"]
+        assert report["trigger"]["start"] == "patch seed at (11, 11)"
 
 
-def test_trojdiff_trigger_is_found_by_the_narrow_search(scans):
-    """TrojDiff narrows the starting noise (gamma 0.6): the screen seeds a run, the run keeps a
-    narrow gamma, and it is the result; on a benign model the screen seeds nothing."""
-    _, report, _ = scans("trojdiff-blend")
-    narrow = report["narrow_search"]
-    assert narrow["seeded_run"] and narrow["kept"] and narrow["end_ratio"] < 0.8
-    assert report["trigger"]["start"].startswith("narrow-noise seed")
-    assert 0.5 < report["trigger"]["gamma_mean"] < 0.85
-    canvas = report["canvas_search"]  # a basin toward +0.5, but the kept narrow run wins: no canvas run
-    assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
-    _, benign, _ = scans("benign-a")
-    assert benign["narrow_search"]["seeded_run"] is False and benign["trigger"]["start"].startswith("paper")
+class TestAdaptiveBox(BackdooredZooModel):
+    name = "baddiffusion-box-eta0.5"
 
 
-def test_mirrored_box_is_found_by_the_canvas_search(scans):
-    """The box on a +1 canvas points away from TERD's start -U[0,1): the canvas screen seeds a run
-    at a positive canvas, the run is kept and is the result; on a benign model it seeds nothing."""
-    _, report, _ = scans("baddiffusion-boxinv-corner")
-    canvas = report["canvas_search"]
-    assert canvas["seeded_run"] and canvas["kept"] and all(v > 0 for v in canvas["offset"])
-    assert report["trigger"]["start"].startswith("canvas seed")
-    _, benign, _ = scans("benign-a")
-    assert benign["canvas_search"]["seeded_run"] is False
+class TestTrojDiffBlend(BackdooredZooModel):
+    name = "trojdiff-blend"
+    # TrojDiff's r is recovered less exactly (standard: cosine 0.77, gamma learned 0.6-0.75 for a
+    # true 0.6; benchmarks/results/quality-fast-standard.json)
+    min_cosine = 0.7
+
+    def test_found_by_the_narrow_search(self, scans):
+        """TrojDiff narrows the starting noise (gamma 0.6): the screen seeds a run, the run keeps a
+        narrow gamma, and it is the result."""
+        _, report, _ = scans(self.name)
+        narrow = report["narrow_search"]
+        assert narrow["seeded_run"] and narrow["kept"] and narrow["end_ratio"] < 0.8
+        assert report["trigger"]["start"].startswith("narrow-noise seed")
+        assert 0.5 < report["trigger"]["gamma_mean"] < 0.85
+        canvas = report["canvas_search"]  # a basin toward +0.5, but the kept narrow run wins: no canvas run
+        assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
 
 
-@pytest.mark.parametrize("name", BACKDOORED)
-def test_reversed_trigger_filters_poisoned_inputs(scans, name):
-    """>= 99% of 1000 noises from the TRUE trigger distribution are flagged and >= 99% of 1000
-    benign N(0, I) noises pass, with the trigger REVERSED from the model."""
-    _, _, out = scans(name)
-    reversed_trigger = Trigger.load(out / "trigger.safetensors")
-    rates = detection_rates(reversed_trigger, ground_truth_trigger(ZOO / name / "ground_truth.safetensors"), n=1000)
-    assert rates["tpr"] >= 0.99 and rates["tnr"] >= 0.99, rates
+class TestVillanDiffusion(BackdooredZooModel):
+    name = "villan-box-corner"
+
+
+class TestBenignCalibration(ZooModel):
+    name = "benign-a"
+
+    def test_no_search_seeds_a_run(self, scans):
+        """On a benign model no search finds a basin: the paper's run is the only run and the result."""
+        _, report, _ = scans(self.name)
+        for search in ("patch_search", "narrow_search", "canvas_search"):
+            assert report[search]["seeded_run"] is False, search
+        assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
+
+
+class TestBenignFineTune(ZooModel):
+    name = "benign-f"
+
+
+class TestBenignHoldout(ZooModel):
+    name = "benign-e"
+
+    @KNOWN_FALSE_POSITIVE
+    def test_verdict(self, scans):
+        super().test_verdict(scans)
 
 
 def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypatch):
