@@ -3,8 +3,12 @@ trigger's cosine with the true one, and the spread ratio of DDPM sample images (
 samples from N(r, gamma^2) against samples from the same benign noises; a backdoor collapses them).
 
 A diagnostic of the method, not of a model: it asks whether the KL verdicts rest on a trigger that
-works. The attack's own sampler is not used (TrojDiff's and VillanDiffusion's backdoors fire under
-theirs, not under DDPM), so for those rows a high ratio says nothing.
+works. The spread ratio uses DDPM, the report's sampler, so for attacks on another sampler
+(TrojDiff's own, VillanDiffusion's DDIM) it says little. So each backdoored model also gets the
+attack success rate of the RECOVERED trigger with the sampler its attack targets (zoo.measure_asr:
+the fraction of --asr-samples samples from N(r, gamma^2) within MSE 0.1 of the target, no
+clipping; TrojDiff's sampler is given the recovered r and gamma), beside the true trigger's ASR
+from the model's sidecar.
 
     python benchmarks/trigger_fires.py --preset fast [--model NAME ...] [--samples 6] [--steps 1000]
 
@@ -33,7 +37,7 @@ from terd_scan.previews import sample_previews  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 from terd_scan.scan import ScanOptions, load_source, reverse_model  # noqa: E402
 from terd_scan.trigger import Trigger  # noqa: E402
-from terd_scan.zoo import load_ground_truth  # noqa: E402
+from terd_scan.zoo import ZOO, load_ground_truth, measure_asr  # noqa: E402
 
 
 def reversed_trigger(model_dir: Path, preset: str, seed: int) -> tuple[Trigger, object]:
@@ -49,17 +53,28 @@ def reversed_trigger(model_dir: Path, preset: str, seed: int) -> tuple[Trigger, 
     return trigger, rev.denoiser
 
 
-def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, thresholds: dict) -> dict:
+def recovered_asr(model_dir: Path, denoiser, trigger: Trigger, gt: dict, n: int) -> dict:
+    """The recovered trigger's attack success rate with the sampler the attack targets."""
+    spec = ZOO[model_dir.name]
+    res = measure_asr(denoiser.unet, trigger.r, trigger.gamma, gt["target_image"], n=n, sampler=spec.sampler(),
+                      benign=False, beta_end=spec.beta_end)
+    return {"attack_sampler": res["sampler"], "recovered_asr": res["asr"],
+            "true_asr": gt.get("measured", {}).get("asr")}
+
+
+def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, thresholds: dict,
+            asr_samples: int) -> dict:
     gt = load_ground_truth(model_dir)
     trigger, denoiser = reversed_trigger(model_dir, preset, seed)
     t0 = time.perf_counter()
     previews = sample_previews(denoiser, trigger.r, trigger.gamma, samples, steps, seed=seed + 1)
+    asr = recovered_asr(model_dir, denoiser, trigger, gt, asr_samples) if "trigger_r" in gt and asr_samples else {}
     f = kl_features(trigger.r, trigger.gamma)
     score = max(f.mean_kl / thresholds["mean_kl"], f.var_kl / thresholds["var_kl"])
     return {"model": model_dir.name, "label": gt.get("label"), "split": gt.get("split"), "attack": gt.get("attack"),
             "score": round(score, 3), "flagged": score > 1,
             "r_cosine": round(cosine(trigger.r, gt["trigger_r"]), 3) if "trigger_r" in gt else None,
-            "samples": samples, "steps": steps, "spread_ratio": round(previews.spread_ratio, 4),
+            "samples": samples, "steps": steps, "spread_ratio": round(previews.spread_ratio, 4), **asr,
             "sample_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -76,11 +91,16 @@ def markdown(rows: list[dict], command: str, preset: str) -> str:
              f"the samples from the same benign noises (< 1: they collapse). score: max(M_r/th_M, V_r/th_V) with the "
              f"shipped {preset} reference (> 1 flags). Samplers the attacks target: TrojDiff its own, "
              "VillanDiffusion DDIM, the others DDPM.", "",
-             "| model | label | split | attack | score | flagged | r cos | spread ratio |", "|---|---|---|---|---|---|---|---|"]
+             "ASR: attack success rate with the sampler the attack targets, of the recovered trigger and (from the "
+             "model's sidecar, 32 samples) of the true one.", "",
+             "| model | label | split | attack | score | flagged | r cos | spread ratio | sampler | ASR recovered | ASR true |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cos = "-" if r["r_cosine"] is None else f"{r['r_cosine']:.2f}"
+        asr = (f"{r['attack_sampler']} | {r['recovered_asr']:.2f} | {r['true_asr']:.2f}" if "recovered_asr" in r
+               else "- | - | -")
         lines.append(f"| {r['model']} | {r['label']} | {r['split']} | {r['attack'] or '-'} | {r['score']:.2f} "
-                     f"| {'yes' if r['flagged'] else 'no'} | {cos} | {r['spread_ratio']:.3f} |")
+                     f"| {'yes' if r['flagged'] else 'no'} | {cos} | {r['spread_ratio']:.3f} | {asr} |")
     lines += ["", "| group (DDPM-targeted attacks and benign models) | n | spread ratio min | max |", "|---|---|---|---|"]
     for name, keep in GROUPS.items():
         sel = [r["spread_ratio"] for r in rows if keep(r) and r["attack"] in (None, "baddiffusion", "trojdiff-ddpm")]
@@ -96,6 +116,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=ScanOptions.preview_samples)
     ap.add_argument("--steps", type=int, default=ScanOptions.preview_steps)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--asr-samples", type=int, default=16,
+                    help="samples for the recovered trigger's attack success rate (0: skip it)")
     args = ap.parse_args()
     reference = shipped_reference(args.preset)
     if reference is None:
@@ -103,7 +125,8 @@ def main() -> None:
     models = [m for m in zoo_models(ZOO_DIR) if not args.model or m.name in args.model]
     rows = []
     for model_dir in models:
-        row = measure(model_dir, args.preset, args.seed, args.samples, args.steps, reference.thresholds())
+        row = measure(model_dir, args.preset, args.seed, args.samples, args.steps, reference.thresholds(),
+                      args.asr_samples)
         print(json.dumps(row), flush=True)
         rows.append(row)
     command = "python benchmarks/trigger_fires.py " + " ".join(sys.argv[1:])

@@ -451,8 +451,9 @@ def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor
     if sampler == "ddpm":
         out = sample_ddpm(unet, x_T, generator=gen, beta_end=beta_end)
     elif sampler == "trojan":  # TrojDiff's sampler: poisoned starts with (r, gamma), benign ones with (0, 1)
-        out = torch.cat([sample_trojan(unet, x_T[:n], r, gamma, generator=gen, beta_end=beta_end),
-                         sample_ddpm(unet, x_T[n:], generator=gen, beta_end=beta_end)])
+        out = sample_trojan(unet, x_T[:n], r, gamma, generator=gen, beta_end=beta_end)
+        if benign:
+            out = torch.cat([out, sample_ddpm(unet, x_T[n:], generator=gen, beta_end=beta_end)])
     elif sampler == "ddim":
         out = sample_ddim(unet, x_T, steps=ddim_steps, beta_end=beta_end)
     else:

@@ -164,6 +164,9 @@ def test_trojan_sampler_with_the_oracle_network_lands_on_the_target():
     xt, target = zoo.poisoned_batch(y, r, t, eps, "trojdiff", gamma=g)
     assert torch.equal(target, eps)
     assert torch.allclose(oracle(xt[:1], t[:1]).sample, eps[:1], atol=1e-4)
+    # measure_asr with TrojDiff's sampler, the trigger's samples only (benign=False): every one lands
+    res = zoo.measure_asr(oracle, r, g, y, n=2, sampler="trojan", benign=False, return_samples=True)
+    assert res["asr"] == 1.0 and res["samples"].shape == (2, 3, 16, 16) and "benign_target_rate" not in res
 
 
 def test_tiny_trojdiff_d2d_build_records_its_target_set(tmp_path, monkeypatch):
