@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import score  # noqa: E402
 from zoo_scans import ROOT, ZOO_DIR, cache_path, cosine, zoo_models  # noqa: E402
 
 from terd_scan.denoisers import make_denoiser  # noqa: E402
@@ -69,10 +68,9 @@ def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, t
     t0 = time.perf_counter()
     previews = sample_previews(denoiser, trigger.r, trigger.gamma, samples, steps, seed=seed + 1)
     asr = recovered_asr(model_dir, denoiser, trigger, gt, asr_samples) if "trigger_r" in gt and asr_samples else {}
-    f = kl_features(trigger.r, trigger.gamma)
-    score = max(f.mean_kl / thresholds["mean_kl"], f.var_kl / thresholds["var_kl"])
+    kl_score = score(kl_features(trigger.r, trigger.gamma).to_dict(), thresholds)
     return {"model": model_dir.name, "label": gt.get("label"), "split": gt.get("split"), "attack": gt.get("attack"),
-            "score": round(score, 3), "flagged": score > 1,
+            "score": round(kl_score, 3), "flagged": kl_score > 1,
             "r_cosine": round(cosine(trigger.r, gt["trigger_r"]), 3) if "trigger_r" in gt else None,
             "samples": samples, "steps": steps, "spread_ratio": round(previews.spread_ratio, 4), **asr,
             "sample_seconds": round(time.perf_counter() - t0, 1)}
