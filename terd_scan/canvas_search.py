@@ -28,6 +28,7 @@ import torch
 
 from .pair_loss import common_pairs
 from .patch_search import BASIN_RATIO, candidate_losses
+from .search_seed import SearchSeed
 
 # Decision at a seeded run's end: the loss must still fall toward its end point (the screen's test
 # at r_end against r_end / 2), or the run found no basin and is not kept.
@@ -35,19 +36,12 @@ CANVAS_KEEP_RATIO = BASIN_RATIO
 
 
 @dataclass
-class CanvasSeed:
-    r: torch.Tensor  # (C, H, W): the best candidate offset, where a seeded reversion starts
-    ratio: float  # L(c) / L(c / 2); < BASIN_RATIO: a basin lies toward this canvas
-    candidates: int
-    network_evaluations: int
+class CanvasSeed(SearchSeed):
+    """The best constant offset; ratio L(c) / L(c / 2) < BASIN_RATIO: a basin lies toward this canvas."""
+    seed_below = BASIN_RATIO
 
-    @property
-    def has_basin(self) -> bool:
-        return self.ratio < BASIN_RATIO
-
-    def summary(self) -> dict:
-        return {"offset": [round(float(v), 3) for v in self.r.flatten(1).mean(1)], "ratio": round(self.ratio, 4),
-                "candidates": self.candidates, "network_evaluations": self.network_evaluations}
+    def search_fields(self) -> dict:
+        return {"offset": self.offset()}
 
 
 def canvas_candidates(shape: tuple[int, int, int], amplitudes) -> torch.Tensor:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .pair_loss import common_pairs, pair_losses
+from .search_seed import SearchSeed
 
 # Screen: seed a run when the loss falls as the noise narrows.
 SEED_RATIO = 1.0
@@ -39,21 +40,13 @@ KEEP_RATIO = 0.8
 
 
 @dataclass
-class NarrowSeed:
-    r: torch.Tensor  # (C, H, W): where the seeded reversion starts (the best candidate offset)
-    gamma: float  # the best candidate's gamma
-    ratio: float  # its L(c, gamma) / L(c, 1); < SEED_RATIO: worth a seeded run
-    candidates: int
-    network_evaluations: int
+class NarrowSeed(SearchSeed):
+    """The best (offset, gamma); ratio L(c, gamma) / L(c, 1) < SEED_RATIO: worth a seeded run."""
+    gamma: float = 1.0  # the best candidate's gamma
+    seed_below = SEED_RATIO
 
-    @property
-    def has_basin(self) -> bool:
-        return self.ratio < SEED_RATIO
-
-    def summary(self) -> dict:
-        means = [round(float(v), 3) for v in self.r.flatten(1).mean(1)]
-        return {"gamma": self.gamma, "ratio": round(self.ratio, 4), "offset": means,
-                "candidates": self.candidates, "network_evaluations": self.network_evaluations}
+    def search_fields(self) -> dict:
+        return {"gamma": self.gamma, "offset": self.offset()}
 
 
 def narrow_ratio(denoiser, r: torch.Tensor, gamma, pairs: int, window: int, generator: torch.Generator) -> float:

@@ -17,11 +17,12 @@ second full TERD reversion (see reversion.reverse_trigger). Forward passes only,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from .pair_loss import common_pairs, pair_losses
+from .search_seed import SearchSeed
 
 # A candidate seeds a reversion only when the loss falls by at least 2% as the patch doubles: a tie
 # is no basin (a network linear in its input gives ratio 1 exactly, up to rounding).
@@ -29,26 +30,17 @@ BASIN_RATIO = 0.98
 
 
 @dataclass
-class PatchSeed:
-    r: torch.Tensor  # (C, H, W), the candidate at full amplitude: where the seeded reversion starts
-    ratio: float  # L(full amplitude) / L(half amplitude); < 1: a basin lies behind the patch
-    top: int
-    left: int
-    height: int
-    width: int
-    sign: int
-    candidates: int
-    network_evaluations: int
+class PatchSeed(SearchSeed):
+    """The best patch at full amplitude; ratio L(full) / L(half) < BASIN_RATIO: a basin lies behind it."""
+    top: int = 0
+    left: int = 0
+    height: int = 0
+    width: int = 0
+    sign: int = 1
+    seed_below = BASIN_RATIO
 
-    @property
-    def has_basin(self) -> bool:
-        return self.ratio < BASIN_RATIO
-
-    def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("r")
-        d["ratio"] = round(self.ratio, 4)
-        return d
+    def search_fields(self) -> dict:
+        return {"top": self.top, "left": self.left, "height": self.height, "width": self.width, "sign": self.sign}
 
 
 def patch_candidates(shape: tuple[int, int, int], size_fraction: float) -> tuple[torch.Tensor, list[tuple]]:
