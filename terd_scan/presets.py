@@ -39,6 +39,10 @@ class ReversionSettings:
     narrow_gammas: tuple = (0.8, 0.6, 0.4, 0.2)
     narrow_amplitudes: tuple = (0.2, 0.4)
     narrow_pairs: int = 16
+    # Refinement of a kept narrow run (reversion._refine_narrow_run): r is descended again at each
+    # gamma_run * scale with gamma held, and the lowest loss on common pairs wins. 0 iterations: off.
+    narrow_refine_scales: tuple = (1.0, 0.85, 0.7, 0.55)
+    narrow_refine_iterations: int = 100
     # Global proposal for triggers on a constant canvas the start -U[0,1) does not point at
     # (canvas_search.py); off in `paper`. Per-channel sign patterns at each of canvas_amplitudes,
     # scored against half the amplitude on canvas_pairs noise pairs (forward passes only).

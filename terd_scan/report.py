@@ -154,6 +154,10 @@ def render_console(report: dict, console) -> None:
         probe = (f"{ns['candidates']} candidates; best offset {ns['offset']} at gamma {ns['gamma']:g}, "
                  f"loss ratio narrow/wide {ns['ratio']:.3g}")
         outcome = _seeded_run_outcome(ns, SEED_RATIO, "stayed narrow", "spread back")
+        refine = ns.get("refine")
+        if refine:
+            outcome += (f"; r refined at {len(refine['scales'])} gammas held, lowest loss at gamma x{refine['scale']:g} "
+                        f"(gamma mean {refine['gamma_mean']:.3f})")
         info.add_row("narrow search", f"{probe}; {outcome}")
     cs = report.get("canvas_search")
     if cs:

@@ -188,7 +188,6 @@ def scan_model(source: str, options: ScanOptions | None = None,
     reference = load_reference(options, reference_family(loaded))  # fails before the expensive part
     rev = reverse_model(source, options, progress, loaded=loaded)
     denoiser, result, features, settings_dict = rev.denoiser, rev.result, rev.features, rev.settings
-    device = denoiser.device
     verdict = judge(features, reference)
     reversion_seconds = time.perf_counter() - started
 
@@ -234,6 +233,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
                    "stage2_seconds": round(result.seconds["stage2"], 3),
                    "patch_search_seconds": round(result.seconds.get("patch_search", 0.0), 3),
                    "narrow_search_seconds": round(result.seconds.get("narrow_search", 0.0), 3),
+                   "narrow_refine_seconds": round(result.seconds.get("narrow_refine", 0.0), 3),
                    "canvas_search_seconds": round(result.seconds.get("canvas_search", 0.0), 3),
                    "network_evaluations": result.network_evaluations,
                    "preview_network_evaluations": denoiser.evaluations - result.network_evaluations},

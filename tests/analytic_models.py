@@ -59,3 +59,32 @@ def corner_target(shape=(3, 16, 16)) -> torch.Tensor:
     y = torch.full(shape, -1.0)
     y[:, :6, :6] = 1.0
     return y
+
+
+class AnalyticTrojDiffUNet(torch.nn.Module):
+    """eps(x_t, t) = E[eps | x_t] for benign x0 ~ N(0, s^2 I) with weight 1 - p, and TrojDiff's
+    poisoned component (D2I, as published) with weight p: x_T ~ N(r, gamma^2), poisoned marginals
+    x'_t = sqrt(abar) y + sqrt(1 - abar) (gamma eps + r), trained output eps."""
+
+    def __init__(self, trigger: torch.Tensor, target: torch.Tensor, gamma: float = 0.6, s: float = 0.5,
+                 p: float = 0.1, shape=(3, 16, 16)):
+        super().__init__()
+        self.benign = AnalyticUNet(s=s, shape=shape)
+        self.abar = self.benign.abar
+        self.trigger, self.target, self.gamma, self.p = trigger, target, gamma, p
+        self.config = self.benign.config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps_b = self.benign(x, t).sample
+        var_b = a * self.benign.s ** 2 + 1 - a
+        mean_p = a.sqrt() * self.target + (1 - a).sqrt() * self.trigger
+        sd_p = (1 - a).sqrt() * self.gamma
+        eps_p = (x - mean_p) / sd_p
+        d = x[0].numel()
+        log_b = -0.5 * (x.pow(2) / var_b).flatten(1).sum(1) - 0.5 * d * var_b.flatten().log() + math.log(1 - self.p)
+        log_p = (-0.5 * ((x - mean_p) / sd_p).pow(2).flatten(1).sum(1) - d * sd_p.flatten().log()
+                 + math.log(self.p))
+        w = torch.sigmoid(log_p - log_b).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(1 - w) * eps_b + w * eps_p)

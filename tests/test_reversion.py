@@ -1,9 +1,11 @@
 """TERD reversion on closed-form denoisers (fast, exact backdoors) and its invariants."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from analytic_models import SCHEDULE, AnalyticUNet, box_trigger, corner_target
+from analytic_models import SCHEDULE, AnalyticTrojDiffUNet, AnalyticUNet, box_trigger, corner_target
 from terd_scan.denoisers import DDPMDenoiser
 from terd_scan.detection import kl_features
 from terd_scan.presets import settings_for
@@ -190,3 +192,45 @@ def test_patch_search_on_a_benign_model_seeds_nothing():
     searched = res.search["candidates"] * 2 * 2 * FAST.patch_pairs  # 2 amplitudes x a pair per noise
     assert res.search["network_evaluations"] == searched
     assert res.network_evaluations == den.evaluations - before == searched + 5 * 2 * 16 + (16 * 10 + 2 * 2 * 16)
+
+
+def _run_at(r, gamma):
+    from terd_scan.reversion import _Run
+    trace = {"stage": [1, 2], "loss": [5.0, 4.0], "r_l1_mean": [0.3, 0.3], "gamma_mean": [0.75, 0.75]}
+    return _Run(r=r, gamma=torch.full(r.shape, gamma), trace=trace, seconds={"stage1": 1.0, "stage2": 1.0}, start="seed")
+
+
+def test_refinement_of_a_narrow_run_settles_at_the_gamma_with_the_lowest_loss():
+    """A narrow run that stopped wider than the trigger (gamma 0.75 for TrojDiff's 0.6) is refined at
+    each held gamma 0.75 x scale; the lowest loss on common pairs picks x0.85 (gamma 0.64), the scale
+    nearest the trigger's. The refinement's iterations join the trace as stage 3."""
+    from terd_scan.reversion import _refine_narrow_run
+    r_true = 0.2 * corner_target() + 0.2
+    den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
+    settings = FAST.override(narrow_refine_iterations=5)
+    g = torch.Generator().manual_seed(0)
+    run, outcome = _refine_narrow_run(den, settings, _run_at(r_true.clone(), 0.75), g, None)
+    assert outcome["scales"] == [1.0, 0.85, 0.7, 0.55] and len(outcome["losses"]) == 4
+    assert outcome["scale"] == 0.85 and min(outcome["losses"]) == outcome["losses"][1]
+    assert torch.allclose(run.gamma, torch.full_like(run.gamma, 0.75 * 0.85))  # gamma is held
+    assert run.trace["stage"] == [1, 2] + [3] * 5 and run.start == "seed, refined at gamma x0.85"
+
+
+def test_refinement_never_picks_a_gamma_whose_loss_is_nan():
+    """A refinement whose loss is NaN (a diverged descent) never wins."""
+    from terd_scan.reversion import _refine_narrow_run
+
+    class NanWhenWide:  # the benign analytic model, NaN wherever the noise is wider than 0.7
+        def __init__(self):
+            self.unet = AnalyticUNet()
+
+        def __call__(self, x, t):
+            out = self.unet(x, t).sample
+            return SimpleNamespace(sample=out * float("nan") if x.std() > 0.7 else out)
+
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    den.unet = NanWhenWide()  # the first scale (gamma 0.75) gets a NaN loss; min() alone would keep it
+    g = torch.Generator().manual_seed(0)
+    _, outcome = _refine_narrow_run(den, FAST.override(narrow_refine_iterations=2), _run_at(torch.zeros(3, 16, 16), 0.75),
+                                    g, None)
+    assert outcome["losses"][0] == float("inf") and outcome["scale"] == 0.85

@@ -108,9 +108,10 @@ class TestAdaptiveBox(BackdooredZooModel):
 
 class TestTrojDiffBlend(BackdooredZooModel):
     name = "trojdiff-blend"
-    # TrojDiff's r is recovered less exactly (standard: cosine 0.77, gamma learned 0.6-0.75 for a
-    # true 0.6; benchmarks/results/quality-fast-standard.json)
-    min_cosine = 0.7
+    # TrojDiff's r and gamma are coupled: the narrow run stops wider than the trigger with r partly
+    # found (fast: gamma 0.74, cosine 0.69 for a true 0.6); r refined at held gammas reaches cosine
+    # 0.92 at gamma 0.63 (fast, seed 0; benchmarks/results/trigger-fires-fast.md)
+    min_cosine = 0.85
 
     def test_found_by_the_narrow_search(self, scans):
         """TrojDiff narrows the starting noise (gamma 0.6): the screen seeds a run, the run keeps a
@@ -119,7 +120,9 @@ class TestTrojDiffBlend(BackdooredZooModel):
         narrow = report["narrow_search"]
         assert narrow["seeded_run"] and narrow["kept"] and narrow["end_ratio"] < 0.8
         assert report["trigger"]["start"].startswith("narrow-noise seed")
-        assert 0.5 < report["trigger"]["gamma_mean"] < 0.85
+        refine = narrow["refine"]  # refined at the held gamma with the lowest loss, near the trigger's 0.6
+        assert refine["losses"][refine["scales"].index(refine["scale"])] == min(refine["losses"])
+        assert 0.55 < report["trigger"]["gamma_mean"] < 0.7
         canvas = report["canvas_search"]  # a basin toward +0.5, but the kept narrow run wins: no canvas run
         assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
 
