@@ -39,10 +39,10 @@ SEED_RATIO = 1.0
 KEEP_RATIO = 0.8
 
 
-@dataclass
+@dataclass(kw_only=True)  # a required field after the base's
 class NarrowSeed(SearchSeed):
     """The best (offset, gamma); ratio L(c, gamma) / L(c, 1) < SEED_RATIO: worth a seeded run."""
-    gamma: float = 1.0  # the best candidate's gamma
+    gamma: float  # the best candidate's gamma
     seed_below = SEED_RATIO
 
     def search_fields(self) -> dict:

@@ -29,14 +29,14 @@ from .search_seed import SearchSeed
 BASIN_RATIO = 0.98
 
 
-@dataclass
+@dataclass(kw_only=True)  # required fields after the base's
 class PatchSeed(SearchSeed):
     """The best patch at full amplitude; ratio L(full) / L(half) < BASIN_RATIO: a basin lies behind it."""
-    top: int = 0
-    left: int = 0
-    height: int = 0
-    width: int = 0
-    sign: int = 1
+    top: int
+    left: int
+    height: int
+    width: int
+    sign: int
     seed_below = BASIN_RATIO
 
     def search_fields(self) -> dict:

@@ -4,6 +4,7 @@ refinement through a differentiable few-step DDIM sampler)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -176,7 +177,7 @@ def _refine_narrow_run(denoiser, s: ReversionSettings, run: "_Run", gen: torch.G
                                  f" (narrow refine, gamma x{scale:g})", gamma_start=run.gamma * scale)
         with torch.no_grad():
             loss = float(pair_losses(denoiser, x0, refined.r, refined.gamma, t, 1.0, e).mean())
-        tried.append((loss if loss == loss else float("inf"), scale, refined))  # a NaN loss never wins
+        tried.append((float("inf") if math.isnan(loss) else loss, scale, refined))  # a NaN loss never wins
     loss, scale, best = min(tried, key=lambda item: item[0])
     trace = {k: run.trace[k] + ([3] * len(best.trace["stage"]) if k == "stage" else best.trace[k]) for k in run.trace}
     start = f"{run.start}, refined at gamma x{scale:g}"
