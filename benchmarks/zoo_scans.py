@@ -36,11 +36,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
+def _keyed_settings(preset: str, overrides: dict | None = None) -> dict:
+    settings = settings_for(preset, **(overrides or {})).to_dict()
+    return {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != _DEFAULTS[k]}
+
+
+def settings_digest(preset: str, overrides: dict | None = None) -> str:
+    """A short hash of the reversion settings a row was made with; it travels with the row into the
+    committed results, so benchmarks/seed_cache.py can tell whether a committed row is still valid."""
+    return hashlib.sha256(json.dumps(_keyed_settings(preset, overrides), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_path(model_dir: Path, preset: str, seed: int, overrides: dict | None = None) -> Path:
     """Where the reversion of a zoo model with these settings is cached: keyed by the settings'
     values (so a changed preset misses the cache) and the weight files' sizes and times."""
-    settings = settings_for(preset, **(overrides or {})).to_dict()
-    settings = {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != _DEFAULTS[k]}
+    settings = _keyed_settings(preset, overrides)
     key_src = json.dumps({"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
                           "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                                             for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
@@ -65,7 +75,8 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
            "preset": preset, "seed": seed, **rev.features.to_dict(), "seconds": round(seconds, 1),
            "network_evaluations": rev.result.network_evaluations,
            "weights_fingerprint": weights_fingerprint(rev.loaded.provenance.to_dict()),
-           "settings": rev.settings, "gamma_mean": float(rev.result.gamma.mean()),
+           "settings": rev.settings, "settings_digest": settings_digest(preset, options.overrides),
+           "gamma_mean": float(rev.result.gamma.mean()),
            "trigger_scale": gt.get("trigger_scale", 1.0)}
     if "trigger_r" in gt:
         true_r = gt["trigger_r"]

@@ -83,3 +83,35 @@ def test_verdicts_by_model_compares_with_the_first_preset():
     assert lines["x1"]["agrees_with_paper"] == {"standard": True}
     md = verdict_markdown(list(lines.values()), ["paper", "standard"])
     assert "| b1 | holdout | benign | 0.50 | 1.50 | NO |" in md
+
+
+def test_seed_cache_copies_only_rows_that_still_match(tmp_path, monkeypatch):
+    """benchmarks/seed_cache.py: a committed row reaches the cache only when the model's weights hash
+    to its fingerprint and its settings digest is the current preset's; undigested rows need the flag."""
+    import json
+
+    import seed_cache
+    import zoo_scans
+
+    from terd_scan.loading import load_model
+    from terd_scan.scan import weights_fingerprint
+
+    monkeypatch.setattr(zoo_scans, "CACHE", tmp_path / "cache")
+    model = zoo_scans.ZOO_DIR / "benign-a"
+    fingerprint = weights_fingerprint(load_model(str(model)).provenance.to_dict())
+    good = {**_row("benign-a", "benign", "calibration", 0.01, 1e-4), "seed": 0, "weights_fingerprint": fingerprint,
+            "settings_digest": zoo_scans.settings_digest("fast"), "score": 0.5, "family": "benign"}
+    rows = [good,
+            {**good, "preset": "standard"},  # the digest is fast's: settings differ
+            {**good, "weights_fingerprint": "0" * 64},
+            {k: v for k, v in good.items() if k != "settings_digest"},
+            {**good, "model": "no-such-model"}]
+    written, skipped = seed_cache.seed_rows(rows, {"benign-a": model}, accept_undigested=False)
+    assert written == 1 and len(skipped) == 4
+    assert any("settings changed" in s for s in skipped) and any("weights differ" in s for s in skipped)
+    assert any("no settings digest" in s for s in skipped) and any("no such zoo model" in s for s in skipped)
+    cached = json.loads(zoo_scans.cache_path(model, "fast", 0).read_text())
+    assert cached["mean_kl"] == 0.01 and "score" not in cached and cached["settings"]["preset"] == "fast"
+    assert zoo_scans.reverse_zoo_model(model, "fast")["mean_kl"] == 0.01  # served from the cache, no reversion
+    written, _ = seed_cache.seed_rows(rows[3:4], {"benign-a": model}, accept_undigested=True)
+    assert written == 0  # the fast row is cached already: never overwritten
