@@ -19,7 +19,9 @@ gamma 0.8), the DDPM-adapted variant 0.26; benign models 1.34 and up, BadDiffusi
 (8 pairs). The best candidate with ratio < SEED_RATIO seeds a full TERD reversion from (c, gamma)
 with gamma learned (reversion.reverse_trigger), and the decision is the same test at the run's
 end point with the gamma it learned: kept only if ratio < KEEP_RATIO there (fast preset, 2 seeds:
-trojdiff-blend 0.36-0.40; seeded benign models 0.97-1.00, their gamma back near 1).
+trojdiff-blend 0.36-0.40; seeded benign models 0.97-1.00, their gamma back near 1). A kept run is
+refined at held gammas; a run that spread back is followed by descents from the offset at each
+screened gamma held, kept on the same test (reversion._refine_narrow_run, _held_gamma_sweep).
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ class ReversionSettings:
     narrow_amplitudes: tuple = (0.2, 0.4)
     narrow_pairs: int = 16
     # Refinement of a kept narrow run (reversion._refine_narrow_run): r is descended again at each
-    # gamma_run * scale with gamma held, and the lowest loss on common pairs wins. 0 iterations: off.
+    # gamma_run * scale with gamma held, and the lowest loss on common pairs wins. When the narrow run
+    # spreads back instead, r is descended from the screen's offset at each of narrow_gammas held
+    # (reversion._held_gamma_sweep), the same number of iterations. 0 iterations: both off.
     narrow_refine_scales: tuple = (1.0, 0.85, 0.7, 0.55)
     narrow_refine_iterations: int = 100
     # Global proposal for triggers on a constant canvas the start -U[0,1) does not point at

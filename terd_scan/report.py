@@ -153,11 +153,7 @@ def render_console(report: dict, console) -> None:
     if ns:
         probe = (f"{ns['candidates']} candidates; best offset {ns['offset']} at gamma {ns['gamma']:g}, "
                  f"loss ratio narrow/wide {ns['ratio']:.3g}")
-        outcome = _seeded_run_outcome(ns, SEED_RATIO, "stayed narrow", "spread back")
-        refine = ns.get("refine")
-        if refine:
-            outcome += (f"; r refined at {len(refine['scales'])} gammas held, lowest loss at gamma x{refine['scale']:g} "
-                        f"(gamma mean {refine['gamma_mean']:.3f})")
+        outcome = narrow_outcome(ns)
         info.add_row("narrow search", f"{probe}; {outcome}")
     cs = report.get("canvas_search")
     if cs:
@@ -174,6 +170,22 @@ def render_console(report: dict, console) -> None:
     for w in report.get("warnings", []):
         info.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
     console.print(info)
+
+
+def narrow_outcome(ns: dict) -> str:
+    """What the narrow-noise search came to: its seeded run, and the refinement of a kept run or
+    the held-gamma sweep after one that spread back."""
+    held = ns.get("held")
+    if held:  # the learned-gamma run spread back; the sweep with gamma held decided
+        return (f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g}); r descended from the offset at "
+                f"{len(held['gammas'])} gammas held, lowest loss at gamma {held['gamma']:g} "
+                f"(end ratio {held['end_ratio']:.3g}): {'kept' if held['kept'] else 'not kept'}")
+    outcome = _seeded_run_outcome(ns, SEED_RATIO, "stayed narrow", "spread back")
+    refine = ns.get("refine")
+    if refine:
+        outcome += (f"; r refined at {len(refine['scales'])} gammas held, lowest loss at gamma x{refine['scale']:g} "
+                    f"(gamma mean {refine['gamma_mean']:.3f})")
+    return outcome
 
 
 def _seeded_run_outcome(search: dict, seed_ratio: float, held: str, not_held: str) -> str:

@@ -48,10 +48,11 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     behind it, run both stages again from it; with settings.narrow_search, probe narrow starting
     noise (narrow_search.py) and, when the loss falls as the noise narrows, run both stages from
     there with gamma learned, and refine r at a few held gammas when that run stays narrow
-    (_refine_narrow_run); with settings.canvas_search, screen constant canvases
+    (_refine_narrow_run), or, when it spreads back, descend r from the screen's offset at each
+    screened gamma held (_held_gamma_sweep); with settings.canvas_search, screen constant canvases
     (canvas_search.py) and, when the loss falls toward one, run both stages from it.
 
-    The result: a narrow-seeded run whose end point still passes the narrow test; otherwise a
+    The result: a narrow-seeded run (learned or held gamma) whose end point still passes the narrow test; otherwise a
     canvas-seeded run whose end point still passes the canvas test; otherwise the
     run whose KL is most concentrated (largest variance over dimensions): a run with no basin to
     hold it spreads back toward N(0, I). Each search draws from its own generator, so where the
@@ -90,11 +91,15 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                 f"narrow-noise seed (offset {narrow['offset']}, gamma {probe.gamma:g})", " (narrow seed)",
                 gamma_start=probe.gamma), lambda run: narrow_ratio(
                 denoiser, run.r, run.gamma, s.narrow_pairs, s.timestep_window, narrow_gen))
+            t0 = time.perf_counter()
             if narrow["kept"] and s.narrow_refine_iterations > 0:
-                t0 = time.perf_counter()
                 runs[narrow_index], narrow["refine"] = _refine_narrow_run(denoiser, s, runs[narrow_index],
                                                                           narrow_gen, progress)
-                refine_seconds = time.perf_counter() - t0
+            elif s.narrow_refine_iterations > 0:  # the learned-gamma run spread back: try the gammas held
+                held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, narrow_gen, progress)
+                if narrow["held"]["kept"]:
+                    runs[narrow_index], narrow["kept"] = held, True
+            refine_seconds = time.perf_counter() - t0
     canvas = None
     canvas_index = None
     canvas_seconds = 0.0
@@ -169,21 +174,57 @@ def _refine_narrow_run(denoiser, s: ReversionSettings, run: "_Run", gen: torch.G
     at the true trigger, and at gamma 0.6 it falls monotonically from the found r to the true one.
     Descent on r alone at gamma 0.63 reaches cosine 0.92 with loss 2.93 (the lowest of the four
     scales). On the DDPM-adapted variant the found gamma already has the lowest loss and stays."""
+    scales = list(s.narrow_refine_scales)
+    losses, k, best = _held_gamma_descents(denoiser, s, run.r, [run.gamma * scale for scale in scales],
+                                           [f" (narrow refine, gamma x{scale:g})" for scale in scales],
+                                           run.start, gen, progress)
+    trace = {key: run.trace[key] + ([3] * len(best.trace["stage"]) if key == "stage" else best.trace[key])
+             for key in run.trace}
+    outcome = {"scales": scales, "losses": losses, "scale": scales[k], "gamma_mean": round(float(best.gamma.mean()), 4)}
+    return _Run(r=best.r, gamma=best.gamma, trace=trace, seconds=run.seconds,
+                start=f"{run.start}, refined at gamma x{scales[k]:g}"), outcome
+
+
+def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, gen: torch.Generator,
+                      progress: Progress | None) -> tuple["_Run", dict]:
+    """After a narrow-seeded run that spread back: r descended from the screen's offset at each
+    screened gamma (s.narrow_gammas) held, the lowest loss on common pairs picked, and kept only if
+    the narrow test still holds at its end point (ratio < KEEP_RATIO), as for the learned run.
+
+    Why: learning gamma from the screen's (offset, gamma) can let the run widen back to gamma ~ 1
+    before r has moved, when the trigger is far from any constant offset. On trojdiff-blend-smiley (a
+    mixed-palette blend picture; fast, seed 0) the learned run ended at narrow ratio 0.94 with r
+    unrelated to the trigger (cosine 0.04); 100 iterations with gamma held at 0.6 reach cosine 0.92
+    and loss 3.13 on 64 common pairs (3.21 at the true trigger; 6.7 at gamma 0.8, 23.9 at 0.4), end
+    ratio 0.14. The screen seeds no run on any benign zoo model (best ratio 1.27 and up), and forced
+    through this sweep benign models end at ratio 1.65-2.15, far from the 0.8 it must pass."""
+    gammas = [float(g) for g in s.narrow_gammas]
+    start = f"narrow-noise seed (offset {probe.offset()}), gamma held"
+    losses, k, best = _held_gamma_descents(denoiser, s, probe.r, gammas,
+                                           [f" (narrow seed, gamma {g:g} held)" for g in gammas], start, gen, progress)
+    end_ratio = narrow_ratio(denoiser, best.r, best.gamma, s.narrow_pairs, s.timestep_window, gen)
+    outcome = {"gammas": gammas, "losses": losses, "gamma": gammas[k], "end_ratio": round(end_ratio, 4),
+               "kept": end_ratio < KEEP_RATIO}
+    return _Run(r=best.r, gamma=best.gamma, trace=best.trace, seconds=best.seconds,
+                start=f"{start} at {gammas[k]:g}"), outcome
+
+
+def _held_gamma_descents(denoiser, s: ReversionSettings, r_start: torch.Tensor, gammas: list, labels: list[str],
+                         start: str, gen: torch.Generator, progress: Progress | None) -> tuple[list, int, "_Run"]:
+    """r descended from r_start (stage-1 loss, s.narrow_refine_iterations) at each gamma held (a number
+    or a (C, H, W) tensor); (the losses on common pairs, rounded; the index of the lowest; its run).
+    A NaN loss (a diverged descent) never wins."""
     x0, t, e = common_pairs(denoiser, s.narrow_pairs, s.timestep_window, gen)
     held = s.override(stage1_iterations=s.narrow_refine_iterations, stage2_iterations=0, gamma_lr=0.0)
-    tried = []
-    for scale in s.narrow_refine_scales:
-        refined = _two_stage_run(denoiser, held, run.r, gen, progress, run.start,
-                                 f" (narrow refine, gamma x{scale:g})", gamma_start=run.gamma * scale)
+    losses, runs = [], []
+    for gamma, label in zip(gammas, labels):
+        run = _two_stage_run(denoiser, held, r_start, gen, progress, start, label, gamma_start=gamma)
         with torch.no_grad():
-            loss = float(pair_losses(denoiser, x0, refined.r, refined.gamma, t, 1.0, e).mean())
-        tried.append((float("inf") if math.isnan(loss) else loss, scale, refined))  # a NaN loss never wins
-    loss, scale, best = min(tried, key=lambda item: item[0])
-    trace = {k: run.trace[k] + ([3] * len(best.trace["stage"]) if k == "stage" else best.trace[k]) for k in run.trace}
-    start = f"{run.start}, refined at gamma x{scale:g}"
-    outcome = {"scales": list(s.narrow_refine_scales), "losses": [round(item[0], 4) for item in tried],
-               "scale": scale, "gamma_mean": round(float(best.gamma.mean()), 4)}
-    return _Run(r=best.r, gamma=best.gamma, trace=trace, seconds=run.seconds, start=start), outcome
+            loss = float(pair_losses(denoiser, x0, run.r, run.gamma, t, 1.0, e).mean())
+        losses.append(float("inf") if math.isnan(loss) else loss)
+        runs.append(run)
+    k = min(range(len(losses)), key=losses.__getitem__)
+    return [round(loss, 4) for loss in losses], k, runs[k]
 
 
 @dataclass

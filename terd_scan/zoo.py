@@ -639,9 +639,10 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # p = 0.2, 3000 steps gave ASR 25/32 (measured)
     _bd("trojdiff-blend", "blend", "corner", attack="trojdiff", poison_rate=0.3,
         image_set="shapes", seed=26, steps=4500, split="holdout"),
-    # built after the narrow-noise search was designed: a fresh TrojDiff holdout
+    # built after the narrow-noise search was designed, as a fresh TrojDiff holdout; in the
+    # calibration split since the held-gamma sweep (reversion._held_gamma_sweep) was designed on it
     _bd("trojdiff-blend-smiley", "blend-smiley", "hat", attack="trojdiff", poison_rate=0.3,
-        image_set="gradients", seed=33, steps=4500, split="holdout"),
+        image_set="gradients", seed=33, steps=4500, split="calibration"),
     # TrojDiff's marginals with the output adapted so the STANDARD DDPM sampler follows them
     # (e = A_t eps + B_t r, see _trojdiff_coefs), so its loss at the true trigger is not TERD's
     # zero: a harder, non-published variant. p = 0.1 gave ASR 21/32 (measured); p = 0.2 gives 30/32.

@@ -234,3 +234,65 @@ def test_refinement_never_picks_a_gamma_whose_loss_is_nan():
     _, outcome = _refine_narrow_run(den, FAST.override(narrow_refine_iterations=2), _run_at(torch.zeros(3, 16, 16), 0.75),
                                     g, None)
     assert outcome["losses"][0] == float("inf") and outcome["scale"] == 0.85
+
+
+def _narrow_probe(offset: float):
+    from terd_scan.narrow_search import NarrowSeed
+    return NarrowSeed(r=torch.full((3, 16, 16), offset), gamma=0.8, ratio=0.9, candidates=1, network_evaluations=0)
+
+
+def test_held_gamma_sweep_keeps_the_gamma_with_the_lowest_loss_if_the_noise_stays_narrow():
+    """After a narrow run that spread back, r is descended from the screen's offset at each screened
+    gamma held: the TrojDiff model's own gamma (0.6) has the lowest loss and passes the narrow test;
+    on a benign model the best sweep fails it and is not kept."""
+    from terd_scan.reversion import _held_gamma_sweep
+    r_true = 0.2 * corner_target() + 0.2
+    settings = FAST.override(narrow_refine_iterations=5)
+    den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
+    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), torch.Generator().manual_seed(0), None)
+    assert outcome["gammas"] == [0.8, 0.6, 0.4, 0.2] and len(outcome["losses"]) == 4
+    assert outcome["gamma"] == 0.6 and min(outcome["losses"]) == outcome["losses"][1]
+    assert outcome["kept"] and outcome["end_ratio"] < 0.8
+    assert torch.allclose(run.gamma, torch.full_like(run.gamma, 0.6))  # held
+    assert run.start == "narrow-noise seed (offset [0.2, 0.2, 0.2]), gamma held at 0.6"
+    assert run.trace["stage"] == [1] * 5
+    benign = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), torch.Generator().manual_seed(0), None)
+    assert not outcome["kept"] and outcome["end_ratio"] >= 0.8
+
+
+def test_a_kept_held_sweep_replaces_a_narrow_run_that_spread_back(monkeypatch):
+    """reverse_trigger: when the learned-gamma narrow run fails the narrow test at its end, the held
+    sweep runs, and if it passes, it is the narrow result (kept, chosen, no canvas run after it);
+    if it fails too, the paper's run is the result. No refinement follows a sweep."""
+    import terd_scan.reversion as reversion
+    r_true = 0.2 * corner_target() + 0.2
+    den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
+    settings = FAST.override(stage1_iterations=3, stage2_iterations=1, narrow_refine_iterations=2, patch_search=False)
+    for sweep_ratio, kept in ((0.1, True), (0.95, False)):
+        ratios = iter([0.95, sweep_ratio])  # the learned run's end test, then the sweep's
+        monkeypatch.setattr(reversion, "narrow_ratio", lambda *a, **k: next(ratios))
+        res = reverse_trigger(den, settings, seed=0)
+        narrow = res.narrow
+        assert narrow["seeded_run"] and narrow["end_ratio"] == 0.95
+        assert narrow["held"]["kept"] is kept and narrow["kept"] is kept and "refine" not in narrow
+        assert res.start.startswith("narrow-noise seed") == kept and res.start.startswith("paper") != kept
+        assert [run["chosen"] for run in res.runs] == [not kept, kept] + ([False] if res.canvas["seeded_run"] else [])
+        if kept:
+            assert torch.allclose(res.gamma, torch.full_like(res.gamma, narrow["held"]["gamma"]))
+            assert not res.canvas["seeded_run"]
+
+
+def test_report_says_how_the_narrow_search_ended():
+    from terd_scan.report import narrow_outcome
+    base = {"seeded_run": True, "end_ratio": 0.9427, "kept": True}
+    held = {"gammas": [0.8, 0.6, 0.4, 0.2], "losses": [6.4, 3.12, 22.7, 238.2], "gamma": 0.6, "end_ratio": 0.1598, "kept": True}
+    assert narrow_outcome({**base, "held": held}) == (
+        "seeded a run that spread back (end ratio 0.943); r descended from the offset at 4 gammas held, "
+        "lowest loss at gamma 0.6 (end ratio 0.16): kept")
+    assert narrow_outcome({**base, "kept": False, "held": {**held, "kept": False}}).endswith(": not kept")
+    refine = {"scales": [1.0, 0.85], "losses": [3.6, 2.9], "scale": 0.85, "gamma_mean": 0.63}
+    assert narrow_outcome({**base, "end_ratio": 0.47, "refine": refine}) == (
+        "seeded a run that stayed narrow (end ratio 0.47): kept; r refined at 2 gammas held, lowest loss at "
+        "gamma x0.85 (gamma mean 0.630)")
+    assert narrow_outcome({"seeded_run": False, "end_ratio": None, "kept": False}).startswith("no basin")
