@@ -97,7 +97,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                                                                           narrow_gen, progress)
             elif s.narrow_refine_iterations > 0:  # the learned-gamma run spread back: try the gammas held
                 held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, narrow_gen, progress)
-                if narrow["held"]["kept"]:
+                if narrow["held"]["kept"]:  # its descents are timed as narrow_refine, the learned run's stages as stages
+                    held.seconds = runs[narrow_index].seconds
                     runs[narrow_index], narrow["kept"] = held, True
             refine_seconds = time.perf_counter() - t0
     canvas = None
