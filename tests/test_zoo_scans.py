@@ -127,6 +127,32 @@ class TestTrojDiffBlend(BackdooredZooModel):
         assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
 
 
+class TestTrojDiffMixedPalette:
+    """trojdiff-blend-smiley (calibration split; the held-gamma sweep was designed on it): the screen
+    seeds, and descents from its offset with gamma held find the mixed-palette trigger at the
+    trigger's own gamma. The sweep alone, not a whole scan, to keep CI short (its random draws
+    differ from a scan's, where the learned-gamma run draws first)."""
+
+    def test_held_gamma_sweep_finds_the_trigger(self):
+        from terd_scan.denoisers import make_denoiser
+        from terd_scan.narrow_search import search_narrow_seed
+        from terd_scan.presets import settings_for
+        from terd_scan.reversion import _held_gamma_sweep
+        from terd_scan.scan import ScanOptions, load_source
+
+        model = ZOO / "trojdiff-blend-smiley"
+        fast = settings_for("fast")
+        den = make_denoiser(load_source(str(model), ScanOptions(preset="fast", device="cpu")), "cpu")
+        gen = torch.Generator().manual_seed(2_000_003)  # the narrow search's generator for scan seed 0
+        probe = search_narrow_seed(den, fast.narrow_gammas, fast.narrow_amplitudes, fast.narrow_pairs,
+                                   fast.timestep_window, gen)
+        assert probe.has_basin, probe.summary()
+        run, outcome = _held_gamma_sweep(den, fast, probe, gen, None)
+        true_r = load_ground_truth(model)["trigger_r"]
+        assert outcome["kept"] and outcome["gamma"] == 0.6, outcome
+        assert float(torch.nn.functional.cosine_similarity(run.r.flatten(), true_r.flatten(), dim=0)) > 0.85
+
+
 class TestVillanDiffusion(BackdooredZooModel):
     name = "villan-box-corner"
 
