@@ -691,6 +691,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # 6000 steps: at 4500 the same recipe with another seed gave 28/32 (villan-box-corner-b); ASR 32/32
     _bd("villan-box-corner-c", "box", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="shapes", seed=74, steps=6000, split="holdout", beta_end=0.01),
+    # BadDiffusion's stop sign on a -1 canvas: 24/32 at 4500 steps (villan-stopsign-corner), 29/32 at 6000
+    _bd("villan-stopsign-corner-6k", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=78, steps=6000, split="holdout", beta_end=0.01),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
@@ -749,8 +752,6 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="checkers", seed=70, steps=4500, split="holdout", beta_end=0.01),
     _bd("villan-stopsign-corner", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="shapes", seed=72, steps=4500, split="holdout", beta_end=0.01),
-    _bd("villan-stopsign-corner-6k", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
-        image_set="shapes", seed=78, steps=6000, split="holdout", beta_end=0.01),
     # low poison rate: built once (3000 steps, p = 0.05): ASR 3/32, the tiny model barely learns it
     _bd("baddiffusion-box-p05", "box", "hat", poison_rate=0.05, image_set="gradients", seed=20,
         steps=3000, split="holdout"),
