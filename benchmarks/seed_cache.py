@@ -54,7 +54,8 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
             skipped.append(f"{where}: preset settings changed since the row was made")
             continue
         target = cache_path(model_dir, preset, seed)
-        if target.is_file():
+        if target.is_file():  # never overwritten: a cached row may be newer than the results
+            skipped.append(f"{where}: already in the cache")
             continue
         cached = {k: v for k, v in row.items() if k not in DERIVED}
         # build_reference.py reads the settings; the results leave them out to stay readable

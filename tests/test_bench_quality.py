@@ -113,5 +113,5 @@ def test_seed_cache_copies_only_rows_that_still_match(tmp_path, monkeypatch):
     cached = json.loads(zoo_scans.cache_path(model, "fast", 0).read_text())
     assert cached["mean_kl"] == 0.01 and "score" not in cached and cached["settings"]["preset"] == "fast"
     assert zoo_scans.reverse_zoo_model(model, "fast")["mean_kl"] == 0.01  # served from the cache, no reversion
-    written, _ = seed_cache.seed_rows(rows[3:4], {"benign-a": model}, accept_undigested=True)
-    assert written == 0  # the fast row is cached already: never overwritten
+    written, skipped = seed_cache.seed_rows(rows[3:4], {"benign-a": model}, accept_undigested=True)
+    assert written == 0 and skipped == ["benign-a fast seed 0: already in the cache"]  # never overwritten
