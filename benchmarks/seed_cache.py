@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_scans import ZOO_DIR, cache_path, settings_digest, zoo_models  # noqa: E402
 
 from terd_scan.loading import load_model  # noqa: E402
-from terd_scan.presets import settings_for  # noqa: E402
-from terd_scan.scan import weights_fingerprint  # noqa: E402
+from terd_scan.scan import ScanOptions, scan_settings, weights_fingerprint  # noqa: E402
 
 # fields quality.py adds to a cached row; recomputed from the shipped reference on every run
 DERIVED = ("family", "score", "thresholds")
@@ -46,11 +45,11 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
         if row.get("weights_fingerprint") != fingerprints[name]:
             skipped.append(f"{where}: weights differ from the row's")
             continue
-        digest = row.get("settings_digest")
+        digest, current = row.get("settings_digest"), settings_digest(preset)
         if digest is None and not accept_undigested:
             skipped.append(f"{where}: row has no settings digest (see --accept-undigested)")
             continue
-        if digest is not None and digest != settings_digest(preset):
+        if digest is not None and digest != current:
             skipped.append(f"{where}: preset settings changed since the row was made")
             continue
         target = cache_path(model_dir, preset, seed)
@@ -59,8 +58,8 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
             continue
         cached = {k: v for k, v in row.items() if k not in DERIVED}
         # build_reference.py reads the settings; the results leave them out to stay readable
-        cached["settings"] = {"preset": preset, **settings_for(preset).to_dict(), "seed": seed, "device": "cpu"}
-        cached["settings_digest"] = settings_digest(preset)
+        cached["settings"] = scan_settings(ScanOptions(preset=preset, seed=seed, device="cpu"))
+        cached["settings_digest"] = current
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(cached, indent=2))
         written += 1

@@ -96,9 +96,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                 runs[narrow_index], narrow["refine"] = _refine_narrow_run(denoiser, s, runs[narrow_index],
                                                                           narrow_gen, progress)
             elif s.narrow_refine_iterations > 0:  # the learned-gamma run spread back: try the gammas held
-                held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, narrow_gen, progress)
-                if narrow["held"]["kept"]:  # its descents are timed as narrow_refine, the learned run's stages as stages
-                    held.seconds = runs[narrow_index].seconds
+                held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, runs[narrow_index], narrow_gen, progress)
+                if narrow["held"]["kept"]:
                     runs[narrow_index], narrow["kept"] = held, True
             refine_seconds = time.perf_counter() - t0
     canvas = None
@@ -186,11 +185,13 @@ def _refine_narrow_run(denoiser, s: ReversionSettings, run: "_Run", gen: torch.G
                 start=f"{run.start}, refined at gamma x{scales[k]:g}"), outcome
 
 
-def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, gen: torch.Generator,
+def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, spread: "_Run", gen: torch.Generator,
                       progress: Progress | None) -> tuple["_Run", dict]:
-    """After a narrow-seeded run that spread back: r descended from the screen's offset at each
-    screened gamma (s.narrow_gammas) held, the lowest loss on common pairs picked, and kept only if
-    the narrow test still holds at its end point (ratio < KEEP_RATIO), as for the learned run.
+    """After a narrow-seeded run that spread back (`spread`): r descended from the screen's offset at
+    each screened gamma (s.narrow_gammas) held, the lowest loss on common pairs picked, and kept only
+    if the narrow test still holds at its end point (ratio < KEEP_RATIO), as for the learned run. The
+    result carries the spread run's stage seconds, as a refinement does: the descents are timed as
+    narrow_refine.
 
     Why: learning gamma from the screen's (offset, gamma) can let the run widen back to gamma ~ 1
     before r has moved, when the trigger is far from any constant offset. On trojdiff-blend-smiley (a
@@ -206,7 +207,7 @@ def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, gen: torch.Generato
     end_ratio = narrow_ratio(denoiser, best.r, best.gamma, s.narrow_pairs, s.timestep_window, gen)
     outcome = {"gammas": gammas, "losses": losses, "gamma": gammas[k], "end_ratio": round(end_ratio, 4),
                "kept": end_ratio < KEEP_RATIO}
-    return _Run(r=best.r, gamma=best.gamma, trace=best.trace, seconds=best.seconds,
+    return _Run(r=best.r, gamma=best.gamma, trace=best.trace, seconds=spread.seconds,
                 start=f"{start} at {gammas[k]:g}"), outcome
 
 

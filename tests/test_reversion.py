@@ -249,15 +249,16 @@ def test_held_gamma_sweep_keeps_the_gamma_with_the_lowest_loss_if_the_noise_stay
     r_true = 0.2 * corner_target() + 0.2
     settings = FAST.override(narrow_refine_iterations=5)
     den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
-    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), torch.Generator().manual_seed(0), None)
+    spread = _run_at(torch.full((3, 16, 16), 0.2), 0.95)  # the learned-gamma run that spread back
+    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), spread, torch.Generator().manual_seed(0), None)
     assert outcome["gammas"] == [0.8, 0.6, 0.4, 0.2] and len(outcome["losses"]) == 4
     assert outcome["gamma"] == 0.6 and min(outcome["losses"]) == outcome["losses"][1]
     assert outcome["kept"] and outcome["end_ratio"] < 0.8
     assert torch.allclose(run.gamma, torch.full_like(run.gamma, 0.6))  # held
     assert run.start == "narrow-noise seed (offset [0.2, 0.2, 0.2]), gamma held at 0.6"
-    assert run.trace["stage"] == [1] * 5
+    assert run.trace["stage"] == [1] * 5 and run.seconds is spread.seconds  # descents timed as narrow_refine
     benign = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
-    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), torch.Generator().manual_seed(0), None)
+    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), spread, torch.Generator().manual_seed(0), None)
     assert not outcome["kept"] and outcome["end_ratio"] >= 0.8
 
 

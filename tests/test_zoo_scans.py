@@ -137,7 +137,7 @@ class TestTrojDiffMixedPalette:
         from terd_scan.denoisers import make_denoiser
         from terd_scan.narrow_search import search_narrow_seed
         from terd_scan.presets import settings_for
-        from terd_scan.reversion import _held_gamma_sweep
+        from terd_scan.reversion import _held_gamma_sweep, _Run
         from terd_scan.scan import ScanOptions, load_source
 
         model = ZOO / "trojdiff-blend-smiley"
@@ -147,7 +147,8 @@ class TestTrojDiffMixedPalette:
         probe = search_narrow_seed(den, fast.narrow_gammas, fast.narrow_amplitudes, fast.narrow_pairs,
                                    fast.timestep_window, gen)
         assert probe.has_basin, probe.summary()
-        run, outcome = _held_gamma_sweep(den, fast, probe, gen, None)
+        spread = _Run(r=probe.r, gamma=torch.ones_like(probe.r), trace={}, seconds={}, start="spread back")
+        run, outcome = _held_gamma_sweep(den, fast, probe, spread, gen, None)
         true_r = load_ground_truth(model)["trigger_r"]
         assert outcome["kept"] and outcome["gamma"] == 0.6, outcome
         assert float(torch.nn.functional.cosine_similarity(run.r.flatten(), true_r.flatten(), dim=0)) > 0.85
