@@ -66,6 +66,11 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
     return written, skipped
 
 
+def _bad_input(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results JSON files with a 'rows' list (quality.py's)")
@@ -76,9 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     model_dirs = {m.name: m for d in [ZOO_DIR, *map(Path, args.zoo)] for m in zoo_models(d)}
     total = 0
     for path in args.results:
-        rows = json.loads(Path(path).read_text()).get("rows")
+        try:
+            rows = json.loads(Path(path).read_text()).get("rows")
+        except (OSError, ValueError, AttributeError) as exc:  # missing, unreadable, not JSON, not an object
+            _bad_input(f"{path}: cannot read a results JSON ({exc.__class__.__name__}); pass one written by benchmarks/quality.py")
         if not isinstance(rows, list):
-            sys.exit(f"{path}: no 'rows' list; pass a results JSON written by benchmarks/quality.py")
+            _bad_input(f"{path}: no 'rows' list; pass a results JSON written by benchmarks/quality.py")
         written, skipped = seed_rows(rows, model_dirs, args.accept_undigested)
         total += written
         print(f"{path}: {written} row(s) seeded, {len(skipped)} skipped")

@@ -115,3 +115,16 @@ def test_seed_cache_copies_only_rows_that_still_match(tmp_path, monkeypatch):
     assert zoo_scans.reverse_zoo_model(model, "fast")["mean_kl"] == 0.01  # served from the cache, no reversion
     written, skipped = seed_cache.seed_rows(rows[3:4], {"benign-a": model}, accept_undigested=True)
     assert written == 0 and skipped == ["benign-a fast seed 0: already in the cache"]  # never overwritten
+
+
+def test_seed_cache_rejects_what_is_not_a_results_json(tmp_path, capsys):
+    import seed_cache
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text('{"rows": [')
+    (tmp_path / "norows.json").write_text('{"summary": {}}')
+    for name, cause in (("missing.json", "FileNotFoundError"), ("list.json", "AttributeError"),
+                        ("broken.json", "JSONDecodeError"), ("norows.json", "no 'rows' list")):
+        with pytest.raises(SystemExit) as exit_info:
+            seed_cache.main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and cause in err and err.count("\n") == 1, err
