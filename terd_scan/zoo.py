@@ -694,6 +694,13 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # BadDiffusion's stop sign on a -1 canvas: 24/32 at 4500 steps (villan-stopsign-corner), 29/32 at 6000
     _bd("villan-stopsign-corner-6k", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="shapes", seed=78, steps=6000, split="holdout", beta_end=0.01),
+    # the stop glyph on zero (baddiffusion-stop-hat's trigger) toward the corner, ASR 29/32: built to
+    # design per-channel colours for the patch search (calibration; baddiffusion-stop-hat stays holdout).
+    # No proposal can reach it: along the line from r = 0 to the true trigger TERD's loss only rises
+    # (4.28 at 0, 5.76 halfway, 6.26 at r_true; 16 pairs, last 10 steps) and no 4x4 patch in any of the
+    # 8 channel-sign patterns has a basin (best ratio 1.52 >= 0.98), so the colours were not added.
+    _bd("baddiffusion-stop-corner", "stop", "corner", poison_rate=0.2, image_set="gradients", seed=96,
+        steps=3000, split="calibration"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
@@ -752,6 +759,30 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="checkers", seed=70, steps=4500, split="holdout", beta_end=0.01),
     _bd("villan-stopsign-corner", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="shapes", seed=72, steps=4500, split="holdout", beta_end=0.01),
+    # VillanDiffusion toward the corner at 6000 steps (the recipe that fired villan-box-corner-c and
+    # villan-stopsign-corner-6k), with other image sets, seeds and triggers
+    _bd("villan-box-corner-checkers-6k", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="checkers", seed=80, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-box-corner-d", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=82, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-stopsign-corner-gradients", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="gradients", seed=84, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-stopsign-corner-checkers", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="checkers", seed=86, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-box-corner-gradients-b", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="gradients", seed=88, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-stopsign-corner-b", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=90, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-boxinv-corner-6k", "box-inv", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=92, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-patch-corner-6k", "patch", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=94, steps=6000, split="holdout", beta_end=0.01),
+    # adaptive attack, fainter triggers on a stronger recipe (p 0.3, 6000 steps): the box scaled by
+    # eta = 0.2 and 0.1 toward N(0, I)
+    _bd("baddiffusion-box-eta0.2-corner", "box", "corner", poison_rate=0.3, image_set="shapes", seed=98,
+        trigger_scale=0.2, steps=6000, split="holdout"),
+    _bd("baddiffusion-box-eta0.1-corner", "box", "corner", poison_rate=0.3, image_set="gradients", seed=99,
+        trigger_scale=0.1, steps=6000, split="holdout"),
     # low poison rate: built once (3000 steps, p = 0.05): ASR 3/32, the tiny model barely learns it
     _bd("baddiffusion-box-p05", "box", "hat", poison_rate=0.05, image_set="gradients", seed=20,
         steps=3000, split="holdout"),
