@@ -701,8 +701,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # 8 channel-sign patterns has a basin (best ratio 1.52 >= 0.98), so the colours were not added.
     _bd("baddiffusion-stop-corner", "stop", "corner", poison_rate=0.2, image_set="gradients", seed=96,
         steps=3000, split="calibration"),
-    # VillanDiffusion toward the corner at 6000 steps (villan-box-corner-c's recipe) with other image sets and
-    # seeds, built in one later session, holdout: ASR 32/32, 32/32, 32/32, 31/32 and 32/32 (DDIM-50 eta 0, no clipping)
+    # VillanDiffusion toward the corner at 6000 steps (villan-box-corner-c's recipe) with other image
+    # sets and seeds, built in one later session, holdout. ASR in order (DDIM-50 eta 0, no clipping):
+    # 32, 32, 32, 31, 32, 32 /32
     _bd("villan-box-corner-checkers-6k", "box", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="checkers", seed=80, steps=6000, split="holdout", beta_end=0.01),
     _bd("villan-box-corner-d", "box", "corner", attack="villan-ddim", poison_rate=0.3,
@@ -713,6 +714,8 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="shapes", seed=90, steps=6000, split="holdout", beta_end=0.01),
     _bd("villan-box-corner-gradients-c", "box", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="gradients", seed=102, steps=6000, split="holdout", beta_end=0.01),
+    _bd("villan-box-corner-e", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=100, steps=6000, split="holdout", beta_end=0.01),
     # TrojDiff's patch trigger (the stop glyph, gamma 0.1) on trojdiff-stop's recipe with 8000 steps: ASR 31/32
     # with TrojDiff's sampler (6000 steps gave 28/32), holdout
     _bd("trojdiff-stop-8k", "stop-narrow", "hat", attack="trojdiff", poison_rate=0.5,
@@ -783,8 +786,6 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="gradients", seed=84, steps=6000, split="holdout", beta_end=0.01),
     _bd("villan-stopsign-corner-checkers", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="checkers", seed=86, steps=6000, split="holdout", beta_end=0.01),
-    _bd("villan-box-corner-e", "box", "corner", attack="villan-ddim", poison_rate=0.3,
-        image_set="shapes", seed=100, steps=6000, split="holdout", beta_end=0.01),
     # adaptive attack, a fainter trigger on a stronger recipe (p 0.3, 6000 steps): the box scaled by
     # eta = 0.2 toward N(0, I). Built once: ASR 26/32, and 4/32 benign samples reach the target too
     # (a trigger this faint sits inside the benign noise), so the eta 0.1 build was not attempted
