@@ -282,7 +282,8 @@ def test_committed_cm_zoo_models():
 # dimension of the normalised starting noise, so the thresholds (M_r 0.020, V_r 0.00054) carry over.
 # Measured with these settings before the canvas search (seed 0, 1 thread, about 50 s per scan):
 # cm-baddiffusion-box M_r 0.132, V_r 0.257 (flagged); cm-benign M_r 0.129, V_r 0.248 (flagged too: a
-# false positive). With it, cm-baddiffusion-box's kept canvas run gives M_r 0.130, V_r 0.000016. On a CM the
+# false positive). With it, cm-baddiffusion-box's kept canvas run gives M_r 0.130, V_r 0.000016, and cm-benign's
+# M_r 0.503, V_r 0.00048 (the screen seeds toward a +1 canvas and r stays there; 2026-11-25). On a CM the
 # pair loss near sigma_max is about 1000x smaller than on the DDPM zoo (denoisers.py, "Measured limit"),
 # r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
 # apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
@@ -292,7 +293,7 @@ ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--se
 
 @pytest.mark.parametrize("name, code", [
     pytest.param("cm-benign", 0, marks=pytest.mark.xfail(
-        strict=True, reason="benign CM flagged under fast (M_r 0.129, V_r 0.248): r barely moves on a CM")),
+        strict=True, reason="benign CM flagged under fast (M_r 0.503 from the canvas seed it keeps): r barely moves on a CM")),
     ("cm-baddiffusion-box", 1),
 ])
 def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
