@@ -696,7 +696,7 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="shapes", seed=78, steps=6000, split="holdout", beta_end=0.01),
     # the stop glyph on zero (baddiffusion-stop-hat's trigger) toward the corner, ASR 29/32: built to
     # design per-channel colours for the patch search (calibration; baddiffusion-stop-hat stays holdout).
-    # No proposal can reach it: along the line from r = 0 to the true trigger TERD's loss only rises
+    # The patch search has nothing to find: along the line from r = 0 to the true trigger TERD's loss rises
     # (4.28 at 0, 5.76 halfway, 6.26 at r_true; 16 pairs, last 10 steps) and no 4x4 patch in any of the
     # 8 channel-sign patterns has a basin (best ratio 1.52 >= 0.98), so the colours were not added.
     _bd("baddiffusion-stop-corner", "stop", "corner", poison_rate=0.2, image_set="gradients", seed=96,
@@ -781,7 +781,7 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
     # VillanDiffusion toward the corner at 6000 steps (the recipe that fired villan-box-corner-c and
     # villan-stopsign-corner-6k), with other image sets, seeds and triggers. Built once each (DDIM-50
     # eta 0, no clipping): villan-stopsign-corner-gradients 28/32, villan-stopsign-corner-checkers 25/32;
-    # the boxes of this round fired and are in ZOO
+    # the other builds of this round fired and are in ZOO
     _bd("villan-stopsign-corner-gradients", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="gradients", seed=84, steps=6000, split="holdout", beta_end=0.01),
     _bd("villan-stopsign-corner-checkers", "stop-canvas", "corner", attack="villan-ddim", poison_rate=0.3,
