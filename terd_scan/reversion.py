@@ -18,6 +18,10 @@ from .pair_loss import common_pairs, pair_loss, pair_losses
 from .patch_search import search_patch_seed
 from .presets import ReversionSettings
 
+# Each search draws from its own generator, seeded at the scan's seed plus an offset, so adding or
+# switching off one search leaves the others' draws (and their cached results) unchanged.
+PATCH_SEED_OFFSET, NARROW_SEED_OFFSET, CANVAS_SEED_OFFSET = 1_000_003, 2_000_003, 3_000_003
+
 
 @dataclass
 class ReversionResult:
@@ -70,7 +74,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     search = None
     search_seconds = 0.0
     if s.patch_search:
-        seed_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+        seed_gen = torch.Generator(device=device).manual_seed(seed + PATCH_SEED_OFFSET)
         found, search_seconds = _timed("patch search", progress, lambda: search_patch_seed(
             denoiser, s.patch_size, s.patch_amplitude, s.patch_pairs, s.timestep_window, seed_gen))
         search = {**found.summary(), "seeded_run": found.has_basin}
@@ -81,7 +85,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     narrow_index = None
     narrow_seconds = refine_seconds = 0.0
     if s.narrow_search:
-        narrow_gen = torch.Generator(device=device).manual_seed(seed + 2_000_003)
+        narrow_gen = torch.Generator(device=device).manual_seed(seed + NARROW_SEED_OFFSET)
         probe, narrow_seconds = _timed("narrow-noise search", progress, lambda: search_narrow_seed(
             denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs, s.timestep_window, narrow_gen))
         narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
@@ -104,7 +108,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     canvas_index = None
     canvas_seconds = 0.0
     if s.canvas_search:
-        canvas_gen = torch.Generator(device=device).manual_seed(seed + 3_000_003)
+        canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
         found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
             denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
         # a kept narrow run is the result whatever a canvas run gives, so none is made then
