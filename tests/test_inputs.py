@@ -83,7 +83,11 @@ def test_batch_and_single_give_identical_scores():
     x = torch.randn(7, *SHAPE, generator=_gen(4))
     batch = score_noises(trig, x)
     singles = torch.stack([score_noises(trig, x[i]) for i in range(7)])
-    assert torch.equal(batch, singles)
+    # Not bit-equal on every BLAS: MKL's gemv on an AVX-512 AMD EPYC sums rows in blocks of 4 and the
+    # remainder rows another way (measured: a row's product changes with its batch's size), so the
+    # last bits of a score may depend on the batch; the verdicts may not.
+    torch.testing.assert_close(batch, singles, rtol=1e-12, atol=1e-9)
+    assert torch.equal(batch > 0, singles > 0)
     assert score_noises(trig, x[0]).shape == ()
 
 
