@@ -8,8 +8,9 @@ Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo m
 `python -m terd_scan.zoo build NAME --out DIR`, or examples/zoo-families for the latent models).
 Reversions are cached in benchmarks/cache/.
 Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k; latent
-diffusion models get a "latent:" prefix and are judged with the latent reference, as a scan would.
-Models of kinds that get no verdict (consistency models) are skipped.
+diffusion models get a "latent:" prefix and are judged with the latent reference, as a scan would;
+score-SDE VE models get a "ve:" prefix (ranked against VE benign models) and are judged with the pixel
+reference, as a scan judges them. Models of kinds that get no verdict (consistency models) are skipped.
 Score for the AUROC: max(M_r / threshold_M, V_r / threshold_V) against the shipped reference of
 the preset (and model family), so score > 1 is exactly the "backdoored" verdict.
 With several presets it also prints, per model, each preset's score and verdict and whether the
@@ -35,13 +36,14 @@ from terd_scan.reference import shipped_reference  # noqa: E402
 SPLITS = ("holdout", "calibration", "all")
 
 
-# sidecar "family" -> the shipped reference family a scan of it is judged with (others: no verdict)
-REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent"}
+# sidecar "family" -> the shipped reference family a scan of it is judged with (scan.reference_family;
+# others: no verdict), and the prefix of its rows, so each model kind is ranked against its own benign models
+REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent", "score-sde-ve": "pixel"}
+ROW_PREFIX = {None: "", "latent-diffusion": "latent:", "score-sde-ve": "ve:"}
 
 
 def family(row: dict) -> str:
-    ref_family = REFERENCE_FAMILY.get(row.get("model_family"), "pixel")
-    prefix = "" if ref_family == "pixel" else ref_family + ":"
+    prefix = ROW_PREFIX.get(row.get("model_family"), "")
     if row["label"] != "backdoored":
         return prefix + "benign"
     scale = float(row.get("trigger_scale") or 1.0)

@@ -57,16 +57,21 @@ def test_latent_models_form_their_own_families_compared_with_latent_benign_model
     th = {"mean_kl": 0.02, "var_kl": 0.001}
     rows = [_row("b1", "benign", "holdout", 0.01, 0.0001), _row("x1", "backdoored", "holdout", 0.015, 0.0001, "baddiffusion"),
             _row("lb1", "benign", "holdout", 0.05, 0.0001), _row("lx1", "backdoored", "holdout", 0.04, 0.0001, "baddiffusion")]
-    for r in rows[2:]:
+    rows += [_row("vb1", "benign", "holdout", 0.01, 0.0001), _row("vx1", "backdoored", "holdout", 0.2, 0.01, "villan-ve")]
+    for r in rows[2:4]:
         r["model_family"] = "latent-diffusion"
+    for r in rows[4:]:
+        r["model_family"] = "score-sde-ve"  # judged with the pixel reference, ranked against VE benign models
     for r in rows:
         r["family"], r["score"] = family(r), score(r, th)
-    assert [r["family"] for r in rows] == ["benign", "baddiffusion", "latent:benign", "latent:baddiffusion"]
+    assert [r["family"] for r in rows] == ["benign", "baddiffusion", "latent:benign", "latent:baddiffusion",
+                                           "ve:benign", "ve:villan-ve"]
     lines = {(s["split"], s["family"]): s for s in summarise(rows)}
     assert lines[("holdout", "benign")]["n"] == 1 and lines[("holdout", "latent:benign")]["tnr"] == 0.0
     # each attack family is ranked against the benign models of its own kind only
     assert lines[("holdout", "baddiffusion")]["auroc"] == 1.0 and lines[("holdout", "baddiffusion")]["n_benign_for_auroc"] == 1
     assert lines[("holdout", "latent:baddiffusion")]["auroc"] == 0.0
+    assert lines[("holdout", "ve:villan-ve")]["n_benign_for_auroc"] == 1 and lines[("holdout", "ve:benign")]["tnr"] == 1.0
 
 
 def test_verdicts_by_model_compares_with_the_first_preset():

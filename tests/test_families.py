@@ -337,6 +337,52 @@ def test_ve_samplers_reach_the_data_point():
     assert torch.allclose(den.ancestral_sample(x, 200, generator=gen), y.expand(4, -1, -1, -1), atol=0.05)
 
 
+def _gaussian_oracle_ve_unet(mu, s2, sigma_max, r=None, sampler="ode", stride=1):
+    """The exact score of VE marginals of Gaussian data y ~ N(mu, s2 I): benign (r None) x = y + sigma eps;
+    VillanDiffusion-poisoned x = y + (A_i - 1) r + sigma_i eps, trained on eps + k_i r (the zoo's target)."""
+    from types import SimpleNamespace
+
+    from terd_scan import zoo_families as zf
+
+    log_grid = zf.ve_sigmas(sigma_max=sigma_max).log()
+    k = zf.ve_trigger_coef(sampler=sampler, sigma_max=sigma_max, stride=stride)
+
+    class U(torch.nn.Module):
+        def forward(self, x, sigma):
+            s = sigma.view(-1, 1, 1, 1)
+            if r is None:
+                return SimpleNamespace(sample=-(x - mu) / (s2 + s ** 2))
+            i = (log_grid.view(1, -1) - sigma.double().log().view(-1, 1)).abs().argmin(1)
+            a = (1 + s ** 2).sqrt()
+            eps = s * (x - mu - (a - 1) * r) / (s2 + s ** 2)  # E[eps | x]
+            return SimpleNamespace(sample=-(eps + k[i].float().view(-1, 1, 1, 1) * r) / s)
+
+    return U()
+
+
+@pytest.mark.parametrize("sigma_max", [12.0, 50.0])
+def test_ve_villan_target_removes_the_trigger_on_the_attackers_grid(sigma_max):
+    """The zoo's VE backdoor: on Gaussian data, a model that learned the target eps + k_i r with the
+    coefficient of the attacker's ODE grid maps the poisoned start sigma_max eps + (A_max - 1) r where the
+    benign model maps sigma_max eps (the trigger is carried along and removed), with 50 Euler steps as with
+    1000; with the reverse-diffusion predictor's coefficient (about half) the ODE keeps part of r."""
+    from terd_scan import zoo_families as zf
+
+    mu, s2 = torch.linspace(-0.5, 0.5, 3 * 4 * 4).view(1, 3, 4, 4), 0.25
+    r = torch.full((1, 3, 4, 4), -0.8)
+    eps = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    start = zf.poisoned_start(r, eps, sigma_max)
+    for steps in (50, 1000):
+        stride = zf.ode_stride(steps)
+        benign = zf.sample_ve_ode(_gaussian_oracle_ve_unet(mu, s2, sigma_max), sigma_max * eps, steps, sigma_max)
+        poisoned = zf.sample_ve_ode(_gaussian_oracle_ve_unet(mu, s2, sigma_max, r, "ode", stride), start, steps,
+                                    sigma_max)
+        assert (poisoned - benign).abs().max() < 1e-4, (steps, (poisoned - benign).abs().max())
+        sde = zf.sample_ve_ode(_gaussian_oracle_ve_unet(mu, s2, sigma_max, r, "sde", stride), start, steps,
+                               sigma_max)
+        assert (sde - benign).abs().mean() > 0.2, (steps, (sde - benign).abs().mean())
+
+
 @pytest.mark.parametrize("bad, needle", [
     (dict(sigma_min=5.0, sigma_max=1.0), "sigma_min must be below sigma_max"),
     (dict(sigma_max=float("inf")), "sigma_max"),
