@@ -476,9 +476,9 @@ def test_text_to_image_message_and_exit_code(tmp_path):
 def test_committed_ve_zoo_models():
     from terd_scan.zoo import load_ground_truth
 
-    dirs = [ZOO_DIR / n for n in ("ve-benign", "ve-villan-box")]
+    dirs = [ZOO_DIR.parent / "zoo-families" / n for n in ("ve-benign", "ve-villan-box")]
     if not all((d / "terd-zoo.json").is_file() for d in dirs):
-        pytest.skip("VE zoo models not built (python -m terd_scan.zoo_families build)")
+        pytest.skip("VE zoo models not committed: none fires at the 90% bar yet (terd_scan/zoo_families.py)")
     benign, bd = (load_ground_truth(d) for d in dirs)
     assert benign["label"] == "benign" and benign["family"] == "score-sde-ve"
     assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
