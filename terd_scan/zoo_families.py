@@ -22,7 +22,7 @@ sigma_{i-1} (exactly, for a model that has learned the target):
 
 Status (measured, 16 px, 1 CPU thread; n = 32, seed 1234, no clipping): NO VE zoo model fires at the
 zoo's 90% bar yet, so none is committed. Builds 1-4: 4000 AdamW steps, ~14-16 min each (most of it the
-1000-step samplers); builds 5-10 (below): 6000-15000 steps, 8-20 min each.
+1000-step samplers); builds 5-9 (below): 6000-15000 steps, 8-20 min each.
   build 1: SDE predictor target, p = 0.1, diffusers' Fourier scale 16: ASR 0/32, trigger MSE 5.53,
            benign -> target 0/32, benign samples plausible (nn-MSE 0.049 vs 0.058 between data sets);
   build 2: same with Fourier scale 0.5 and p = 0.2: ASR 0/32, trigger MSE 2.39 (0.97 with one Langevin
@@ -33,7 +33,7 @@ zoo's 90% bar yet, so none is committed. Builds 1-4: 4000 AdamW steps, ~14-16 mi
            VillanDiffusion for DDIM fires in the DDPM zoo; a scratch script that set SIGMA_MAX before
            building): the ODE samples benign noise better (nn-MSE 0.32 on this model, 0.49 on ve-benign
            built the same way) but ASR 3/32 (trigger MSE 0.78; SDE predictor 0/32, 0.40).
-  builds 5-10, the attacker's ODE with 50 Euler steps (ode_steps; VillanDiffusion for DDIM fires with 50
+  builds 5-9, the attacker's ODE with 50 Euler steps (ode_steps; VillanDiffusion for DDIM fires with 50
            steps in the DDPM zoo), box -> corner, p = 0.3, shapes, sigma_max 12 unless said
            (python -m terd_scan.zoo_families build NAME --out DIR):
            5  log-uniform noise levels ("grid"), 6000 steps: ASR 5/32 (trigger MSE 0.51); sigma_max 50: 1/32;
@@ -145,8 +145,8 @@ def ve_trigger_coef(n: int = VE_STEPS, sampler: str = "ode", sigma_max: float = 
       "ode": k_i = (A_i - A_p) / (sigma_i - sigma_p)   (Euler/DDIM on the probability-flow ODE;
              -> sigma / A = sqrt(1 - abar), twice the SDE value, as VillanDiffusion says of ODE samplers).
              stride = ode_stride(ode_steps) makes it exact for the attacker's ode_steps-step grid, as
-             zoo.villan_coef does for DDIM-50: the continuous value lets the trigger drift off the
-             poisoned marginals over a coarse grid;
+             zoo.villan_coef does for DDIM-50 (on this geometric grid the stride-1 value is close: with
+             the exact score of a point target it lands 5e-5 from it after 50 steps, a scratch check);
       "sde": k_i = sigma_i / (A_i + A_p)                (the reverse-diffusion predictor; -> sqrt(1 - abar) / 2)"""
     s = ve_sigmas(n, sigma_max)
     a = (1 + s ** 2).sqrt()
