@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
-                  ZOO_FORMAT, _dir_size, _per_sample_mse, make_target, make_trigger, nn_mse)
+                  ZOO_FORMAT, _dir_size, _per_sample_mse, _schedule, make_target, make_trigger, nn_mse)
 from .zoo_data import make_images
 
 __all__ = ["VESpec", "VE_ZOO", "SIGMA_MIN", "SIGMA_MAX", "VE_STEPS", "ve_sigmas", "ve_trigger_coef",
@@ -279,18 +279,16 @@ VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
 
 def training_sigma_indices(spec: VESpec) -> torch.Tensor:
     """The grid indices one uniform draw of training picks from, with repetition. "grid": every index
-    once. "ddpm": for each timestep t of a 1000-step linear-beta DDPM (betas 1e-4 .. ddpm_beta_end) the
-    grid index nearest to its noise level sigma_t = sqrt((1 - abar_t) / abar_t) (the VP view of VE),
-    clamped to the grid. Log-uniform sigma gives a third of the draws to sigma > 1.4, the DDPM schedule
-    (beta_end 0.01, sigma 0.01 .. 12.4) 54% of them; measured on the first 50-step build
-    (ve-villan-box, sigma_max 12, "grid": ASR 5/32, scratch trajectory trace): the ODE's trajectories leave
-    the poisoned marginal between sigma 12 and 1.4, where "grid" trains least."""
+    once. "ddpm": for each timestep t of the zoo's 1000-step linear-beta DDPM schedule ending at
+    ddpm_beta_end (zoo._schedule) the grid index nearest to its noise level sigma_t = sqrt((1 - abar_t) /
+    abar_t) (the VP view of VE), clamped to the grid. Log-uniform sigma gives 20% of the draws to sigma
+    0.35-1.4, where the ODE's trajectories from the trigger leave the poisoned marginal (build 5 in the
+    module doc); the DDPM schedule (beta_end 0.01, sigma 0.01 .. 12.4) gives 32%."""
     if spec.sigma_sampling == "grid":
         return torch.arange(VE_STEPS)
     if spec.sigma_sampling != "ddpm":
         raise ValueError(f"unknown sigma_sampling {spec.sigma_sampling!r}")
-    betas = torch.linspace(1e-4, spec.ddpm_beta_end, 1000, dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0)
+    _, _, abar = _schedule(spec.ddpm_beta_end)
     log_sigma = (((1 - abar) / abar).sqrt()).log()
     log_grid = ve_sigmas(sigma_max=spec.sigma_max).log()
     return (log_grid.view(1, -1) - log_sigma.view(-1, 1)).abs().argmin(1)

@@ -360,6 +360,22 @@ def _gaussian_oracle_ve_unet(mu, s2, sigma_max, r=None, sampler="ode", stride=1)
     return U()
 
 
+def test_ve_training_noise_levels():
+    """"grid" draws every grid index once; "ddpm" the grid index nearest each DDPM timestep's noise level,
+    so it runs from sigma_min to the clamped sigma_max and puts more draws at high sigma."""
+    from dataclasses import replace
+
+    from terd_scan import zoo_families as zf
+
+    spec = zf.VE_ZOO["ve-villan-box"]
+    assert torch.equal(zf.training_sigma_indices(replace(spec, sigma_sampling="grid")), torch.arange(zf.VE_STEPS))
+    idx = zf.training_sigma_indices(spec)
+    assert idx.numel() == 1000 and idx[0] == 0 and idx[-1] == zf.VE_STEPS - 1 and (idx.diff() >= 0).all()
+    assert (idx >= 700).float().mean() > 0.5 > (torch.arange(zf.VE_STEPS) >= 700).float().mean()
+    with pytest.raises(ValueError, match="sigma_sampling"):
+        zf.training_sigma_indices(replace(spec, sigma_sampling="nope"))
+
+
 @pytest.mark.parametrize("sigma_max", [12.0, 50.0])
 def test_ve_villan_target_removes_the_trigger_on_the_attackers_grid(sigma_max):
     """The zoo's VE backdoor: on Gaussian data, a model that learned the target eps + k_i r with the
