@@ -467,9 +467,11 @@ def test_ve_model_scans_end_to_end(tmp_path):
 def test_ddim_repo_checkpoint_scans_end_to_end(tmp_path):
     path = _ddim_ckpt(tmp_path / "ckpt.pth", _randomise(DDIMRepoModel(), 1), _randomise(DDIMRepoModel(), 2))
     ref = _lenient_reference(tmp_path)
-    res = _cli("model", path, *CLI_CHEAP, "--reference", ref, "--out", tmp_path / "o")
+    # the pickle gate and the EMA note are under test, not the searches (their screens dominate the time)
+    cheap = [*CLI_CHEAP, "--no-narrow-search", "--no-canvas-search"]
+    res = _cli("model", path, *cheap, "--reference", ref, "--out", tmp_path / "o")
     assert res.exit_code == 2 and "--allow-pickle" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = _cli("model", path, *CLI_CHEAP, "--reference", ref, "--out", tmp_path / "o", "--allow-pickle")
+    res = _cli("model", path, *cheap, "--reference", ref, "--out", tmp_path / "o", "--allow-pickle")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == "ddpm" and rep["source"]["pickle_loaded"]
@@ -489,13 +491,22 @@ def test_text_to_image_message_and_exit_code(tmp_path):
     assert len(err.splitlines()) == 1
 
 
+VE_ZOO_DIR = ZOO_DIR.parent / "zoo-families"
+
+
+def _ve_zoo_dirs():
+    dirs = [VE_ZOO_DIR / n for n in ("ve-benign", "ve-villan-box")]
+    missing = [d.name for d in dirs if not (d / "terd-zoo.json").is_file()]
+    assert not missing, f"rebuild with `python -m terd_scan.zoo_families build {' '.join(missing)}`"
+    return dirs
+
+
 def test_committed_ve_zoo_models():
     from terd_scan.zoo import load_ground_truth
 
-    dirs = [ZOO_DIR.parent / "zoo-families" / n for n in ("ve-benign", "ve-villan-box")]
-    if not all((d / "terd-zoo.json").is_file() for d in dirs):
-        pytest.skip("VE zoo models not committed: none fires at the 90% bar yet (terd_scan/zoo_families.py)")
+    dirs = _ve_zoo_dirs()
     benign, bd = (load_ground_truth(d) for d in dirs)
+    assert benign["split"] == bd["split"] == "holdout"  # judged with the pixel reference, built without them
     assert benign["label"] == "benign" and benign["family"] == "score-sde-ve"
     assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
     assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
@@ -504,3 +515,35 @@ def test_committed_ve_zoo_models():
     for d in dirs:
         den = make_denoiser(load_model(str(d)))
         assert isinstance(den, VEDenoiser) and den.input_shape == (3, 16, 16)
+
+
+# The fast preset and the shipped pixel reference on the committed VE pair (both holdout): measured with
+# `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`, scores (max feature /
+# threshold) 0.18 for ve-benign and 7.71 for ve-villan-box (r cosine 0.94), seed 0. 30-70 s per scan, one thread.
+VE_ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
+
+
+class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these two scans apart from the module
+    @pytest.mark.parametrize("name, code", [("ve-benign", 0), ("ve-villan-box", 1)])
+    def test_verdict(self, tmp_path, name, code):
+        _scan_committed_ve_model(tmp_path, name, code)
+
+
+def _scan_committed_ve_model(tmp_path, name, code):
+    _ve_zoo_dirs()
+    res = _cli("model", VE_ZOO_DIR / name, *VE_ZOO_SCAN, "--out", tmp_path / "o")
+    assert res.exit_code == code, res.output
+    rep = json.loads(res.stdout)
+    assert rep["model"]["kind"] == "score-sde-ve" and rep["model"]["input_shape"] == [3, 16, 16]
+    assert rep["thresholds"]["origin"] == "shipped:fast", rep["thresholds"]
+    f, th = rep["features"], rep["thresholds"]
+    if code == 1:  # well over, and the trigger found is the one planted
+        assert max(f["mean_kl"] / th["mean_kl"], f["var_kl"] / th["var_kl"]) > 2, (f, th)
+        from terd_scan.trigger import Trigger
+        from terd_scan.zoo import load_ground_truth
+
+        r = Trigger.load(tmp_path / "o" / "trigger.safetensors").r
+        true_r = load_ground_truth(VE_ZOO_DIR / name)["trigger_r"]
+        assert float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)) > 0.8
+    else:
+        assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
