@@ -114,11 +114,11 @@ FOURIER_SCALE = 0.5
 
 
 def make_ve_unet(seed: int = 0, norm_groups: int = 4, layers_per_block: int = 1,
-                 fourier_scale: float | None = None):
+                 fourier_scale: float = FOURIER_SCALE):
     """The NCSN++-style tiny UNet. diffusers draws the Fourier frequencies of log(sigma) with scale 16;
     measured on the first build: the tiny network then ignores sigma altogether (outputs unchanged for a
     2x wrong sigma) and guesses the noise level from the input, which poisoned inputs mislead (ASR 0/32).
-    The zoo redraws the (fixed, saved) frequencies with scale fourier_scale (default FOURIER_SCALE).
+    The zoo redraws the (fixed, saved) frequencies with scale fourier_scale.
     norm_groups: GroupNorm groups (the DDPM zoo's 4; builds 1-9 used 8, see the module doc)."""
     from diffusers import UNet2DModel
 
@@ -130,8 +130,7 @@ def make_ve_unet(seed: int = 0, norm_groups: int = 4, layers_per_block: int = 1,
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        scale = FOURIER_SCALE if fourier_scale is None else fourier_scale
-        unet.time_proj.weight.copy_(torch.randn(unet.time_proj.weight.shape, generator=g) * scale)
+        unet.time_proj.weight.copy_(torch.randn(unet.time_proj.weight.shape, generator=g) * fourier_scale)
     return unet
 
 
@@ -288,11 +287,8 @@ _VE_VILLAN = VESpec("ve-villan-box", label="backdoored", attack="villan-ve", tri
                          "in normalised (VP-view) units")
 
 
-def _ve_experiment(name: str, note: str, **changes) -> VESpec:
-    """An earlier build of the module doc: ve-villan-box's recipe at p 0.3 and Fourier 0.5 unless changed."""
-    return replace(_VE_VILLAN, name=name, poison_rate=changes.pop("poison_rate", 0.3),
-                   fourier_scale=changes.pop("fourier_scale", FOURIER_SCALE), split="experimental", note=note,
-                   **changes)
+# the earlier builds of the module doc: ve-villan-box's recipe at p 0.3 and Fourier 0.5, unless changed
+_VE_EARLY = replace(_VE_VILLAN, poison_rate=0.3, fourier_scale=FOURIER_SCALE, split="experimental")
 
 
 VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
@@ -300,19 +296,21 @@ VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
     _VE_VILLAN,
     replace(_VE_BENIGN, name="ve-benign-g4-6k", steps=6000, fourier_scale=FOURIER_SCALE, split="experimental",
             note="ve-benign's recipe before: Fourier 0.5, 6000 steps"),
-    _ve_experiment("ve-villan-box-f1-15k", "p 0.3, Fourier 1.0, 15000 steps (ASR 29/32)", steps=15000,
-                   fourier_scale=1.0),
-    _ve_experiment("ve-villan-box-f1", "p 0.3, Fourier 1.0, 9000 steps (ASR 28/32)", steps=9000, fourier_scale=1.0),
-    _ve_experiment("ve-villan-box-g4", "4 GroupNorm groups, 9000 steps (ASR 27/32)", steps=9000),
-    _ve_experiment("ve-villan-box-lpb2", "2 blocks per level, 9000 steps (ASR 27/32)", steps=9000,
-                   layers_per_block=2),
+    replace(_VE_EARLY, name="ve-villan-box-f1-15k", steps=15000, fourier_scale=1.0,
+            note="p 0.3, Fourier 1.0, 15000 steps (ASR 29/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-f1", steps=9000, fourier_scale=1.0,
+            note="p 0.3, Fourier 1.0, 9000 steps (ASR 28/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-g4", steps=9000, note="4 GroupNorm groups, 9000 steps (ASR 27/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-lpb2", steps=9000, layers_per_block=2,
+            note="2 blocks per level, 9000 steps (ASR 27/32)"),
     # builds 6-9 of the module doc, GroupNorm with 8 groups
-    _ve_experiment("ve-villan-box-g8", "8 GroupNorm groups (ASR 21/32)", steps=6000, norm_groups=8),
-    _ve_experiment("ve-villan-box-g8-9k", "as ve-villan-box-g8, 9000 steps (ASR 24/32)", steps=9000, norm_groups=8),
-    _ve_experiment("ve-villan-box-g8-15k", "as ve-villan-box-g8, 15000 steps (ASR 25/32)", steps=15000,
-                   norm_groups=8),
-    _ve_experiment("ve-villan-box-g8-p5-9k", "as ve-villan-box-g8-9k at p 0.5 (ASR 25/32)", steps=9000,
-                   norm_groups=8, poison_rate=0.5),
+    replace(_VE_EARLY, name="ve-villan-box-g8", steps=6000, norm_groups=8, note="8 GroupNorm groups (ASR 21/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-g8-9k", steps=9000, norm_groups=8,
+            note="as ve-villan-box-g8, 9000 steps (ASR 24/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-g8-15k", steps=15000, norm_groups=8,
+            note="as ve-villan-box-g8, 15000 steps (ASR 25/32)"),
+    replace(_VE_EARLY, name="ve-villan-box-g8-p5-9k", steps=9000, norm_groups=8, poison_rate=0.5,
+            note="as ve-villan-box-g8-9k at p 0.5 (ASR 25/32)"),
 ]}
 
 
@@ -389,7 +387,8 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
     try:
         t0 = time.time()
         torch.manual_seed(spec.seed)
-        unet = make_ve_unet(spec.seed, spec.norm_groups, spec.layers_per_block, spec.fourier_scale)
+        unet = make_ve_unet(spec.seed, norm_groups=spec.norm_groups, layers_per_block=spec.layers_per_block,
+                            fourier_scale=spec.fourier_scale)
         data = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed))
         train_info = _train(spec, unet, data, log=log)
         train_s = time.time() - t0
