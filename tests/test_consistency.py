@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fixtures_models as fm
-from cli_helpers import CLI_CHEAP
+from cli_helpers import CLI_CHEAP, ZOO_SCAN
 from cli_helpers import cli as _cli
 from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan.denoisers import CM_KIND, ConsistencyDenoiser, make_denoiser
@@ -288,7 +288,7 @@ def test_committed_cm_zoo_models():
 # r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
 # apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
 # strict xfail so that a fix shows up here. Without --unvalidated a CM is refused (exit 2, tested above).
-ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json", "--unvalidated"]
+CM_ZOO_SCAN = [*ZOO_SCAN, "--unvalidated"]
 
 
 @pytest.mark.parametrize("name, code", [
@@ -298,7 +298,7 @@ ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--se
 ])
 def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
     _zoo_dirs()
-    res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
+    res = _cli("model", ZOO_DIR / name, *CM_ZOO_SCAN, "--out", tmp_path / "o")
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]

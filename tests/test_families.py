@@ -12,13 +12,15 @@ import pytest
 import torch
 
 import fixtures_models as fm
-from cli_helpers import CLI_CHEAP
+from cli_helpers import CLI_CHEAP, ZOO_SCAN
 from cli_helpers import cli as _cli
 from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan import ddim_repo
 from terd_scan.denoisers import DDPMDenoiser, VEDenoiser, make_denoiser
 from terd_scan.errors import ScanError, UnsafeFileError, UnsupportedModelError
 from terd_scan.loading import load_model
+from terd_scan.trigger import Trigger
+from terd_scan.zoo import load_ground_truth
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 
@@ -502,8 +504,6 @@ def _ve_zoo_dirs():
 
 
 def test_committed_ve_zoo_models():
-    from terd_scan.zoo import load_ground_truth
-
     dirs = _ve_zoo_dirs()
     benign, bd = (load_ground_truth(d) for d in dirs)
     assert benign["split"] == bd["split"] == "holdout"  # judged with the pixel reference, built without them
@@ -520,30 +520,20 @@ def test_committed_ve_zoo_models():
 # The fast preset and the shipped pixel reference on the committed VE pair (both holdout): measured with
 # `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`, scores (max feature /
 # threshold) 0.18 for ve-benign and 7.71 for ve-villan-box (r cosine 0.94), seed 0. 30-70 s per scan, one thread.
-VE_ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
-
-
 class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these two scans apart from the module
     @pytest.mark.parametrize("name, code", [("ve-benign", 0), ("ve-villan-box", 1)])
     def test_verdict(self, tmp_path, name, code):
-        _scan_committed_ve_model(tmp_path, name, code)
-
-
-def _scan_committed_ve_model(tmp_path, name, code):
-    _ve_zoo_dirs()
-    res = _cli("model", VE_ZOO_DIR / name, *VE_ZOO_SCAN, "--out", tmp_path / "o")
-    assert res.exit_code == code, res.output
-    rep = json.loads(res.stdout)
-    assert rep["model"]["kind"] == "score-sde-ve" and rep["model"]["input_shape"] == [3, 16, 16]
-    assert rep["thresholds"]["origin"] == "shipped:fast", rep["thresholds"]
-    f, th = rep["features"], rep["thresholds"]
-    if code == 1:  # well over, and the trigger found is the one planted
-        assert max(f["mean_kl"] / th["mean_kl"], f["var_kl"] / th["var_kl"]) > 2, (f, th)
-        from terd_scan.trigger import Trigger
-        from terd_scan.zoo import load_ground_truth
-
-        r = Trigger.load(tmp_path / "o" / "trigger.safetensors").r
-        true_r = load_ground_truth(VE_ZOO_DIR / name)["trigger_r"]
-        assert float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)) > 0.8
-    else:
-        assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
+        _ve_zoo_dirs()
+        res = _cli("model", VE_ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
+        assert res.exit_code == code, res.output
+        rep = json.loads(res.stdout)
+        assert rep["model"]["kind"] == "score-sde-ve" and rep["model"]["input_shape"] == [3, 16, 16]
+        assert rep["thresholds"]["origin"] == "shipped:fast", rep["thresholds"]
+        f, th = rep["features"], rep["thresholds"]
+        if code == 1:  # well over, and the trigger found is the one planted
+            assert max(f["mean_kl"] / th["mean_kl"], f["var_kl"] / th["var_kl"]) > 2, (f, th)
+            r = Trigger.load(tmp_path / "o" / "trigger.safetensors").r
+            true_r = load_ground_truth(VE_ZOO_DIR / name)["trigger_r"]
+            assert float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)) > 0.8
+        else:
+            assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fixtures_models as fm
-from cli_helpers import CLI_CHEAP
+from cli_helpers import CLI_CHEAP, ZOO_SCAN
 from cli_helpers import cli as _cli
 from cli_helpers import lenient_reference as _lenient_reference
 from terd_scan.denoisers import LATENT_KIND, LatentDenoiser, make_denoiser
@@ -293,9 +293,6 @@ def test_committed_latent_zoo_models():
 # models: `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`
 # measured scores (max feature / threshold) of 0.46 for ldm-benign-e and 168 for ldm-baddiffusion-box,
 # seed 0. About 25 s per scan on one thread.
-ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]
-
-
 @pytest.mark.parametrize("name, code", [("ldm-benign-e", 0), ("ldm-baddiffusion-box", 1)])
 def test_scan_of_committed_latent_zoo_models(tmp_path, name, code):
     _zoo_dirs()
