@@ -43,6 +43,8 @@ noises divided by sigma^2 (0.0098 at the paper's start r = -U[0,1) on cm-benign,
 11.2 and 0.85 on the DDPM zoo's benign-a, whose loss there is the eps network's own error off its training
 distribution). With the presets' SGD settings r stays at its start, so the features of a CM are those of
 the start (M_r about 0.17) whether or not it is backdoored: under `fast` both zoo CMs are flagged.
+Rescaling the loss by sigma^2 does not cure it: the benign CM's f collapses off its data, so its spread
+also falls as r grows and a descent pushes r outward on both (benchmarks/cm_loss_scale.py).
 """
 
 from __future__ import annotations
