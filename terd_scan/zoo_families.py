@@ -21,8 +21,8 @@ sigma_{i-1} (exactly, for a model that has learned the target):
   sigma_{i-1}^2, so k_i = sigma_i / (A_i + A_{i-1})  (-> sqrt(1 - abar) / 2, BadDiffusion's R_t).
 
 Status (measured, 16 px, 1 CPU thread; n = 32, seed 1234, no clipping): two recipes fire at the zoo's
-90% bar (builds 10-11 below); the committed pair, ve-benign and ve-villan-box (examples/zoo-families),
-is build 10's recipe. Builds 1-4: 4000 AdamW steps, ~14-16 min each (most of it the
+90% bar (builds 10-11 below); the committed models (examples/zoo-families: ve-benign, -b, -c, -d and
+ve-villan-box, -b) are build 10's recipe. Builds 1-4: 4000 AdamW steps, ~14-16 min each (most of it the
 1000-step samplers); builds 5-9 (below): 6000-15000 steps, 8-20 min each.
   build 1: SDE predictor target, p = 0.1, diffusers' Fourier scale 16: ASR 0/32, trigger MSE 5.53,
            benign -> target 0/32, benign samples plausible (nn-MSE 0.049 vs 0.058 between data sets);
@@ -62,6 +62,12 @@ is build 10's recipe. Builds 1-4: 4000 AdamW steps, ~14-16 min each (most of it 
   builds 10-11, 4 groups and Fourier scale 1.0: 10  p = 0.5, 12000 steps (ve-villan-box): ASR 29/32
            (trigger MSE 0.025; 61/64 at n 64), SDE predictor 4/32, benign nn-MSE 0.17, 16 min;
            11  p = 0.3, 15000 steps (ve-villan-box-f1-15k): 29/32 (0.027), SDE predictor 7/32, 21 min.
+  builds 12-18, build 10's recipe with other seeds (two or three at once, 17-28 min each): ve-villan-box-b
+           (checkers) 31/32 (0.012), committed; ve-villan-box-hat (the hat target) 18/32 (0.21);
+           ve-villan-stopsign-corner (the stop sign on a -1 canvas) 28/32 (0.041), 28/32 again at 15000
+           steps (0.034): below the bar, experimental. Benign twins, committed: ve-benign-b (checkers,
+           nn-MSE 0.23 vs 0.15 between data sets), ve-benign-c (gradients, 0.17 vs 0.057), ve-benign-d
+           (shapes, 0.25 vs 0.16); no sample of any reaches a zoo target.
 Diagnosis of builds 1-9: the learned targets are close (eps MSE 0.02-0.04 on poisoned inputs at every sigma), but the
 tiny network ignores its sigma input (outputs unchanged for a 2x wrong sigma: it guesses the noise level
 from the input through GroupNorm) and shrinks eps by about 10% on poisoned inputs; the predictor's fresh
@@ -275,7 +281,7 @@ class VESpec(TrainSpec):
     fourier_scale: float = FOURIER_SCALE
 
 
-# the committed pair (examples/zoo-families): same architecture and training length, holdout (the VE models
+# the recipe of the committed models (examples/zoo-families): same architecture and training length, holdout (the VE models
 # are judged with the pixel reference, built without them, and nothing was tuned on them)
 _VE_BENIGN = VESpec("ve-benign", image_set="shapes", seed=21, steps=12000, sigma_max=12.0, ode_steps=50,
                     sigma_sampling="ddpm", fourier_scale=1.0, split="holdout",
@@ -294,6 +300,17 @@ _VE_EARLY = replace(_VE_VILLAN, poison_rate=0.3, fourier_scale=FOURIER_SCALE, sp
 VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
     _VE_BENIGN,
     _VE_VILLAN,
+    # more of each on the committed recipe, other seeds, image sets, trigger and target (holdout, untuned)
+    replace(_VE_BENIGN, name="ve-benign-b", image_set="checkers", seed=31),
+    replace(_VE_BENIGN, name="ve-benign-c", image_set="gradients", seed=33),
+    replace(_VE_VILLAN, name="ve-villan-box-b", image_set="checkers", seed=32),
+    replace(_VE_VILLAN, name="ve-villan-stopsign-corner", trigger="stop-canvas", seed=34, split="experimental",
+            note="the stop sign on a -1 canvas, 12000 steps (ASR 28/32)"),
+    replace(_VE_VILLAN, name="ve-villan-stopsign-corner-15k", trigger="stop-canvas", seed=34, steps=15000,
+            split="experimental", note="the stop sign on a -1 canvas, 15000 steps (ASR 28/32)"),
+    replace(_VE_BENIGN, name="ve-benign-d", seed=35),
+    replace(_VE_VILLAN, name="ve-villan-box-hat", target="hat", seed=36, split="experimental",
+            note="the box toward the hat, 12000 steps (ASR 18/32)"),
     replace(_VE_BENIGN, name="ve-benign-g4-6k", steps=6000, fourier_scale=FOURIER_SCALE, split="experimental",
             note="ve-benign's recipe before: Fourier 0.5, 6000 steps"),
     replace(_VE_EARLY, name="ve-villan-box-f1-15k", steps=15000, fourier_scale=1.0,

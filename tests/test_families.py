@@ -21,6 +21,7 @@ from terd_scan.errors import ScanError, UnsafeFileError, UnsupportedModelError
 from terd_scan.loading import load_model
 from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
+from terd_scan.zoo_families import VE_ZOO
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 
@@ -496,28 +497,36 @@ def test_text_to_image_message_and_exit_code(tmp_path):
 VE_ZOO_DIR = ZOO_DIR.parent / "zoo-families"
 
 
-def _ve_zoo_dirs():
-    dirs = [VE_ZOO_DIR / n for n in ("ve-benign", "ve-villan-box")]
+# the committed VE models are the holdout specs of VE_ZOO (the experimental ones are recipe notes)
+COMMITTED_VE = [name for name, spec in VE_ZOO.items() if spec.split == "holdout"]
+
+
+def _ve_zoo_dirs(names=("ve-benign", "ve-villan-box")):
+    dirs = [VE_ZOO_DIR / n for n in names]
     missing = [d.name for d in dirs if not (d / "terd-zoo.json").is_file()]
     assert not missing, f"rebuild with `python -m terd_scan.zoo_families build {' '.join(missing)}`"
     return dirs
 
 
 def test_committed_ve_zoo_models():
-    dirs = _ve_zoo_dirs()
-    benign, bd = (load_ground_truth(d) for d in dirs)
-    assert benign["split"] == bd["split"] == "holdout"  # judged with the pixel reference, built without them
-    assert benign["label"] == "benign" and benign["family"] == "score-sde-ve"
-    assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
-    assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
-    assert bd["measured"]["benign_target_rate"] == 0.0
-    assert bd["trigger_r"].shape == (3, 16, 16) and "normalised" in bd["trigger_units"]
-    for d in dirs:
+    dirs = _ve_zoo_dirs(COMMITTED_VE)
+    truths = [load_ground_truth(d) for d in dirs]
+    assert {t["label"] for t in truths} == {"benign", "backdoored"}
+    for d, truth in zip(dirs, truths):
+        assert truth["split"] == "holdout", d  # judged with the pixel reference, built without them
+        assert truth["family"] == "score-sde-ve", d
+        if truth["label"] == "benign":
+            assert truth["measured"]["benign_target_rate_any_zoo_target"] == 0.0, d
+        else:
+            assert truth["measured"]["asr"] >= 0.9 and truth["measured"]["n"] >= 32, (d, truth["measured"])
+            assert truth["measured"]["benign_target_rate"] == 0.0, d
+            assert truth["trigger_r"].shape == (3, 16, 16) and "normalised" in truth["trigger_units"]
         den = make_denoiser(load_model(str(d)))
         assert isinstance(den, VEDenoiser) and den.input_shape == (3, 16, 16)
 
 
-# The fast preset and the shipped pixel reference on the committed VE pair (both holdout): measured with
+# The fast preset and the shipped pixel reference on the first committed VE pair (holdout; the other four
+# committed VE models are in the benchmark table only, to keep CI short): measured with
 # `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`, scores (max feature /
 # threshold) 0.18 for ve-benign and 7.71 for ve-villan-box (r cosine 0.94), seed 0. 30-70 s per scan, one thread.
 class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these two scans apart from the module
