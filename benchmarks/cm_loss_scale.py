@@ -1,7 +1,7 @@
 """Would TERD work on a consistency model if its pair loss were not 1/sigma^2 weak? On a CM the
 pair loss is 0.5 ||f(x1) - f(x2)||^2 / sigma^2 (denoisers.py, ConsistencyDenoiser): this measures
-the sigma^2-rescaled loss 0.5 ||f(x1) - f(x2)||^2 (the spread of the consistency function over two
-noises of N(r, 1)) along s * r_true and s * (the paper's start), then descends r on it with Adam from
+TERD's pair loss (pair_loss.pair_losses) times sigma_t^2, the spread of the consistency function over
+two noises of N(r, 1), along s * r_true and s * (the paper's start), then descends r on it with Adam from
 the paper's start and prints r's KL features on the way. Where the benign CM's loss also falls as r
 grows, the descent pushes its r outward like the backdoored one's, and the KL features of r cannot
 tell them apart (what this found on the zoo pair: see the README, "Consistency models").
@@ -18,6 +18,7 @@ import torch
 
 from terd_scan.denoisers import ConsistencyDenoiser, make_denoiser
 from terd_scan.detection import kl_features
+from terd_scan.pair_loss import common_pairs, pair_losses
 from terd_scan.scan import ScanOptions, load_source
 from terd_scan.zoo import load_ground_truth
 
@@ -25,12 +26,11 @@ SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 BATCH = 16
 
 
-def spread_loss(den: ConsistencyDenoiser, r: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """0.5 ||f(x1) - f(x2)||^2 per pair, x = sigma_t (z + r) in VE units (the VP-view pair loss times sigma^2)."""
-    b = t.shape[0]
-    sigma = torch.cat([den.sigmas[t], den.sigmas[t]])
-    f = den.consistency(sigma.view(-1, 1, 1, 1) * (z + r), sigma)
-    return 0.5 * (f[:b] - f[b:]).pow(2).flatten(1).sum(1)
+def rescaled_loss(den: ConsistencyDenoiser, r: torch.Tensor, pairs) -> torch.Tensor:
+    """TERD's pair loss of each pair times sigma_t^2, i.e. 0.5 ||f(x1) - f(x2)||^2 (gamma 1; the two noises
+    share the pair's x0)."""
+    x0, t, e = pairs
+    return pair_losses(den, x0, r, 1.0, t, 1.0, e) * den.sigmas[t] ** 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,16 +50,14 @@ def main(argv: list[str] | None = None) -> None:
         den = make_denoiser(load_source(path, ScanOptions(device="cpu")), "cpu")
         if not isinstance(den, ConsistencyDenoiser):
             raise SystemExit(f"{path}: not a consistency model")
-        lo, hi = den.last_timesteps(10)
-        g = torch.Generator().manual_seed(args.seed + 1)  # common pairs for every point of the landscape
-        t = torch.randint(lo, hi + 1, (args.pairs,), generator=g)
-        z = torch.randn((2 * args.pairs, *shape), generator=g)
+        # common pairs for every point of the landscape
+        landscape = common_pairs(den, args.pairs, 10, torch.Generator().manual_seed(args.seed + 1))
         print(f"\n{path}: sigma^2-rescaled pair loss (mean over {args.pairs} pairs, last 10 grid sigmas)")
         print("| direction | " + " | ".join(f"s = {s:g}" for s in SCALES) + " |")
         print("|---|" + "---|" * len(SCALES))
         with torch.no_grad():
             for name, d in (("s x r_true", r_true), ("s x start", start)):
-                row = [float(spread_loss(den, s * d, t, z).mean()) for s in SCALES]
+                row = [float(rescaled_loss(den, s * d, landscape).mean()) for s in SCALES]
                 print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
         r = start.clone().requires_grad_(True)
         opt = torch.optim.Adam([r], lr=args.lr)
@@ -68,9 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         print("| iteration | loss | rms r | cosine to r_true | M_r | V_r |")
         print("|---|---|---|---|---|---|")
         for i in range(args.iterations + 1):
-            ti = torch.randint(lo, hi + 1, (BATCH,), generator=g)
-            zi = torch.randn((2 * BATCH, *shape), generator=g)
-            loss = spread_loss(den, r, ti, zi).mean()
+            loss = rescaled_loss(den, r, common_pairs(den, BATCH, 10, g)).mean()
             if i % max(args.iterations // 4, 1) == 0:
                 rd = r.detach()
                 f = kl_features(rd, torch.ones_like(rd))
