@@ -24,7 +24,7 @@ CACHE = ROOT / "benchmarks" / "cache"
 ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates, trigger_scale)
 # Settings added after the cache was filled: left out of the cache key at their ReversionSettings
 # default (off, which reproduces the earlier scans), so a new knob does not invalidate every cached scan.
-LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas_pairs")
+LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas_pairs", "narrow_sweep_unseeded")
 _DEFAULTS = ReversionSettings().to_dict()
 
 

@@ -22,6 +22,13 @@ end point with the gamma it learned: kept only if ratio < KEEP_RATIO there (fast
 trojdiff-blend 0.36-0.40; seeded benign models 0.97-1.00, their gamma back near 1). A kept run is
 refined at held gammas; a run that spread back is followed by descents from the offset at each
 screened gamma held, kept on the same test (reversion._refine_narrow_run, _held_gamma_sweep).
+
+The screen sees a trigger through its mean colour only, and a mixed-palette blend picture has
+none to speak of: on trojdiff-smiley-hat-checkers no offset's ratio falls below 1.64, although
+held descents from the best one find the smiley. So where the screen seeds nothing, the held
+sweep still runs from its best offset (settings.narrow_sweep_unseeded, on in `standard` and
+`fast`), from the widest gamma until the loss first rises, on the same end test; a kept unseeded
+sweep is one more candidate run, not the result by right (reversion.reverse_trigger).
 """
 
 from __future__ import annotations

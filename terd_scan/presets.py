@@ -45,6 +45,11 @@ class ReversionSettings:
     # (reversion._held_gamma_sweep), the same number of iterations. 0 iterations: both off.
     narrow_refine_scales: tuple = (1.0, 0.85, 0.7, 0.55)
     narrow_refine_iterations: int = 100
+    # When the screen seeds no run, still descend r from its best offset at narrow_gammas held, from
+    # the widest until the loss first rises (the same sweep, kept on the same end test, then one more
+    # candidate run): a mixed-palette blend trigger has no constant offset whose loss falls as the
+    # noise narrows, but a held descent from one finds it.
+    narrow_sweep_unseeded: bool = False
     # Global proposal for triggers on a constant canvas the start -U[0,1) does not point at
     # (canvas_search.py); off in `paper`. Per-channel sign patterns at each of canvas_amplitudes,
     # scored against half the amplitude on canvas_pairs noise pairs (forward passes only).
@@ -64,9 +69,9 @@ class ReversionSettings:
 PRESETS: dict[str, ReversionSettings] = {
     "paper": ReversionSettings(),
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1,
-                                  patch_search=True, narrow_search=True, canvas_search=True),
+                                  patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
-                              patch_search=True, narrow_search=True, canvas_search=True),
+                              patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True),
 }
 DEFAULT_PRESET = "standard"
 

@@ -176,10 +176,11 @@ def narrow_outcome(ns: dict) -> str:
     """What the narrow-noise search came to: its seeded run, and the refinement of a kept run or
     the held-gamma sweep after one that spread back."""
     held = ns.get("held")
-    if held:  # the learned-gamma run spread back; the sweep with gamma held decided
-        return (f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g}); r descended from the offset at "
-                f"{len(held['gammas'])} gammas held, lowest loss at gamma {held['gamma']:g} "
-                f"(end ratio {held['end_ratio']:.3g}): {'kept' if held['kept'] else 'not kept'}")
+    if held:  # the learned-gamma run spread back, or none was seeded; the sweep with gamma held decided
+        before = (f"seeded a run that spread back (end ratio {ns['end_ratio']:.3g})" if ns["seeded_run"]
+                  else f"no basin (ratio >= {SEED_RATIO}), no seeded run")
+        return (f"{before}; r descended from the offset at {len(held['gammas'])} gammas held, lowest loss at "
+                f"gamma {held['gamma']:g} (end ratio {held['end_ratio']:.3g}): {'kept' if held['kept'] else 'not kept'}")
     outcome = _seeded_run_outcome(ns, SEED_RATIO, "stayed narrow", "spread back")
     refine = ns.get("refine")
     if refine:

@@ -52,15 +52,20 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     behind it, run both stages again from it; with settings.narrow_search, probe narrow starting
     noise (narrow_search.py) and, when the loss falls as the noise narrows, run both stages from
     there with gamma learned, and refine r at a few held gammas when that run stays narrow
-    (_refine_narrow_run), or, when it spreads back, descend r from the screen's offset at each
-    screened gamma held (_held_gamma_sweep); with settings.canvas_search, screen constant canvases
+    (_refine_narrow_run), or, when it spreads back (or, with settings.narrow_sweep_unseeded, when the
+    screen seeds no run), descend r from the screen's offset at each screened gamma held
+    (_held_gamma_sweep); with settings.canvas_search, screen constant canvases
     (canvas_search.py) and, when the loss falls toward one, run both stages from it.
 
     The result: a narrow-seeded run (learned or held gamma) whose end point still passes the narrow test; otherwise a
     canvas-seeded run whose end point still passes the canvas test; otherwise the
-    run whose KL is most concentrated (largest variance over dimensions): a run with no basin to
-    hold it spreads back toward N(0, I). Each search draws from its own generator, so where the
-    narrow or canvas search does not fire the result is the same as without it. Benign references are calibrated with the same
+    run whose KL is most concentrated (largest variance over dimensions), among the paper's, the
+    patch-seeded and a kept unseeded sweep: a run with no basin to hold it spreads back toward
+    N(0, I). (An unseeded sweep competes rather than wins: near any backdoor's trigger a narrower
+    noise can lower the loss, as on the VillanDiffusion stop signs, where the sweep passes its test
+    at gamma 0.8 with r at cosine 0.66 while the paper's run has 0.75 and the larger variance.)
+    Each search draws from its own generator, so where the narrow or canvas search does not fire
+    the result is the same as without it. Benign references are calibrated with the same
     procedure. Deterministic given the seed and the device."""
     s = settings
     device = denoiser.device
@@ -100,9 +105,18 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                 runs[narrow_index], narrow["refine"] = _refine_narrow_run(denoiser, s, runs[narrow_index],
                                                                           narrow_gen, progress)
             elif s.narrow_refine_iterations > 0:  # the learned-gamma run spread back: try the gammas held
-                held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, runs[narrow_index], narrow_gen, progress)
+                held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, runs[narrow_index].seconds,
+                                                         narrow_gen, progress)
                 if narrow["held"]["kept"]:
                     runs[narrow_index], narrow["kept"] = held, True
+            refine_seconds = time.perf_counter() - t0
+        elif s.narrow_sweep_unseeded and s.narrow_refine_iterations > 0:  # no basin: the held sweep alone
+            t0 = time.perf_counter()
+            held, narrow["held"] = _held_gamma_sweep(denoiser, s, probe, {"stage1": 0.0, "stage2": 0.0},
+                                                     narrow_gen, progress, stop_at_rise=True)
+            if narrow["held"]["kept"]:  # one more candidate run; an unkept sweep is none, the result as without it
+                runs.append(held)
+                narrow_index, narrow["kept"] = len(runs) - 1, True
             refine_seconds = time.perf_counter() - t0
     canvas = None
     canvas_index = None
@@ -111,8 +125,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
         found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
             denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
-        # a kept narrow run is the result whatever a canvas run gives, so none is made then
-        narrow_won = narrow is not None and narrow["kept"]
+        # a kept narrow run from a seeded screen is the result whatever a canvas run gives, so none is made then
+        narrow_won = narrow is not None and narrow["kept"] and narrow["seeded_run"]
         canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not narrow_won,
                   "end_ratio": None, "kept": False}
         if canvas["seeded_run"]:  # the loss falls toward the canvas; kept if it still falls toward the end point
@@ -124,13 +138,14 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
     features = [kl_features(run.r, run.gamma) for run in runs]
-    if narrow is not None and narrow["kept"]:
+    if narrow is not None and narrow["kept"] and narrow["seeded_run"]:
         chosen = narrow_index
     elif canvas is not None and canvas["kept"]:
         chosen = canvas_index
-    else:  # an unkept narrow or canvas run never wins
-        chosen = max((i for i in range(len(runs)) if i not in (narrow_index, canvas_index)),
-                     key=lambda i: features[i].var_kl)
+    else:  # an unkept narrow or canvas run never wins; a kept unseeded sweep competes like the others
+        unkept = {i for i, outcome in ((narrow_index, narrow), (canvas_index, canvas))
+                  if i is not None and not outcome["kept"]}
+        chosen = max((i for i in range(len(runs)) if i not in unkept), key=lambda i: features[i].var_kl)
     seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
                "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds,
                "narrow_search": narrow_seconds, "narrow_refine": refine_seconds, "canvas_search": canvas_seconds}
@@ -189,13 +204,19 @@ def _refine_narrow_run(denoiser, s: ReversionSettings, run: "_Run", gen: torch.G
                 start=f"{run.start}, refined at gamma x{scales[k]:g}"), outcome
 
 
-def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, spread: "_Run", gen: torch.Generator,
-                      progress: Progress | None) -> tuple["_Run", dict]:
-    """After a narrow-seeded run that spread back (`spread`): r descended from the screen's offset at
-    each screened gamma (s.narrow_gammas) held, the lowest loss on common pairs picked, and kept only
-    if the narrow test still holds at its end point (ratio < KEEP_RATIO), as for the learned run. The
-    result carries the spread run's stage seconds, as a refinement does: the descents are timed as
-    narrow_refine.
+def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, seconds: dict, gen: torch.Generator,
+                      progress: Progress | None, stop_at_rise: bool = False) -> tuple["_Run", dict]:
+    """After a narrow-seeded run that spread back, or (s.narrow_sweep_unseeded) after a screen that
+    seeded none: r descended from the screen's offset at each screened gamma (s.narrow_gammas) held,
+    the lowest loss on common pairs picked, and kept only if the narrow test still holds at its end
+    point (ratio < KEEP_RATIO), as for the learned run. The result carries `seconds` as its stage
+    seconds (the spread run's, or zeros), as a refinement does: the descents are timed as narrow_refine.
+    With stop_at_rise (the unseeded sweep: the screen gave no sign of a narrow-trained model) the
+    gammas are walked from the widest and the walk stops at the first whose loss is higher than the
+    one before: a benign model's loss only rises as its noise narrows, so its sweep costs two
+    descents instead of four; on every unseeded zoo sweep (51 models at seed 0, the 14 calibration
+    benign ones at seed 1) the loss along the full grid fell to one minimum and rose after it, so the
+    pick is the full grid's (the end test's pairs are drawn after fewer descents, so its ratio differs).
 
     Why: learning gamma from the screen's (offset, gamma) can let the run widen back to gamma ~ 1
     before r has moved, when the trigger is far from any constant offset. On trojdiff-blend-smiley (a
@@ -203,23 +224,34 @@ def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, spread: "_Run", gen
     unrelated to the trigger (cosine 0.04); 100 iterations with gamma held at 0.6 reach cosine 0.92
     and loss 3.13 on 64 common pairs (3.21 at the true trigger; 6.7 at gamma 0.8, 23.9 at 0.4), end
     ratio 0.14. The screen seeds no run on any benign zoo model (best ratio 1.27 and up), and forced
-    through this sweep benign models end at ratio 1.65-2.15, far from the 0.8 it must pass."""
+    through this sweep benign models end at ratio 1.65-2.15, far from the 0.8 it must pass.
+
+    Unseeded: on trojdiff-smiley-hat-checkers (a holdout then, ASR 31/32) no constant offset lowers the loss
+    as the noise narrows (best ratio 1.64), yet the sweep from that offset keeps gamma 0.6 at end
+    ratio 0.17 with cosine 0.94 to the trigger; on the 26 benign zoo models (pixel, latent, VE) it
+    ends at 0.97-3.28 and is not kept (README, "Narrow-noise search")."""
     gammas = [float(g) for g in s.narrow_gammas]
+    if stop_at_rise:  # from the widest
+        gammas.sort(reverse=True)
     start = f"narrow-noise seed (offset {probe.offset()}), gamma held"
     losses, k, best = _held_gamma_descents(denoiser, s, probe.r, gammas,
-                                           [f" (narrow seed, gamma {g:g} held)" for g in gammas], start, gen, progress)
+                                           [f" (narrow seed, gamma {g:g} held)" for g in gammas], start, gen, progress,
+                                           stop_at_rise)
+    gammas = gammas[:len(losses)]  # the ones descended
     end_ratio = narrow_ratio(denoiser, best.r, best.gamma, s.narrow_pairs, s.timestep_window, gen)
     outcome = {"gammas": gammas, "losses": losses, "gamma": gammas[k], "end_ratio": round(end_ratio, 4),
                "kept": end_ratio < KEEP_RATIO}
-    return _Run(r=best.r, gamma=best.gamma, trace=best.trace, seconds=spread.seconds,
+    return _Run(r=best.r, gamma=best.gamma, trace=best.trace, seconds=seconds,
                 start=f"{start} at {gammas[k]:g}"), outcome
 
 
 def _held_gamma_descents(denoiser, s: ReversionSettings, r_start: torch.Tensor, gammas: list, labels: list[str],
-                         start: str, gen: torch.Generator, progress: Progress | None) -> tuple[list, int, "_Run"]:
+                         start: str, gen: torch.Generator, progress: Progress | None,
+                         stop_at_rise: bool = False) -> tuple[list, int, "_Run"]:
     """r descended from r_start (stage-1 loss, s.narrow_refine_iterations) at each gamma held (a number
-    or a (C, H, W) tensor); (the losses on common pairs, rounded; the index of the lowest; its run).
-    A NaN loss (a diverged descent) never wins."""
+    or a (C, H, W) tensor), in order, or with stop_at_rise until the first loss higher than the one
+    before; (the losses on common pairs, rounded; the index of the lowest; its run). A NaN loss (a
+    diverged descent) never wins, and counts as a rise."""
     x0, t, e = common_pairs(denoiser, s.narrow_pairs, s.timestep_window, gen)
     held = s.override(stage1_iterations=s.narrow_refine_iterations, stage2_iterations=0, gamma_lr=0.0)
     losses, runs = [], []
@@ -229,6 +261,8 @@ def _held_gamma_descents(denoiser, s: ReversionSettings, r_start: torch.Tensor, 
             loss = float(pair_losses(denoiser, x0, run.r, run.gamma, t, 1.0, e).mean())
         losses.append(float("inf") if math.isnan(loss) else loss)
         runs.append(run)
+        if stop_at_rise and len(losses) > 1 and losses[-1] > losses[-2]:
+            break
     k = min(range(len(losses)), key=losses.__getitem__)
     return [round(loss, 4) for loss in losses], k, runs[k]
 

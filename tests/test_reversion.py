@@ -1,5 +1,6 @@
 """TERD reversion on closed-form denoisers (fast, exact backdoors) and its invariants."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -61,7 +62,7 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False,
                         canvas_search=False)
     without = reverse_trigger(den, base, seed=1)
-    narrow = base.override(narrow_search=True)
+    narrow = base.override(narrow_search=True, narrow_sweep_unseeded=False)  # the screen alone
     with_probe = reverse_trigger(den, narrow, seed=1)
     assert torch.equal(with_probe.r, without.r) and torch.equal(with_probe.gamma, without.gamma)
     assert with_probe.narrow["seeded_run"] is False and with_probe.narrow["ratio"] > 1.0
@@ -250,7 +251,8 @@ def test_held_gamma_sweep_keeps_the_gamma_with_the_lowest_loss_if_the_noise_stay
     settings = FAST.override(narrow_refine_iterations=5)
     den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
     spread = _run_at(torch.full((3, 16, 16), 0.2), 0.95)  # the learned-gamma run that spread back
-    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), spread, torch.Generator().manual_seed(0), None)
+    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), spread.seconds,
+                                     torch.Generator().manual_seed(0), None)
     assert outcome["gammas"] == [0.8, 0.6, 0.4, 0.2] and len(outcome["losses"]) == 4
     assert outcome["gamma"] == 0.6 and min(outcome["losses"]) == outcome["losses"][1]
     assert outcome["kept"] and outcome["end_ratio"] < 0.8
@@ -258,8 +260,29 @@ def test_held_gamma_sweep_keeps_the_gamma_with_the_lowest_loss_if_the_noise_stay
     assert run.start == "narrow-noise seed (offset [0.2, 0.2, 0.2]), gamma held at 0.6"
     assert run.trace["stage"] == [1] * 5 and run.seconds is spread.seconds  # descents timed as narrow_refine
     benign = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
-    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), spread, torch.Generator().manual_seed(0), None)
+    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), spread.seconds,
+                                   torch.Generator().manual_seed(0), None)
     assert not outcome["kept"] and outcome["end_ratio"] >= 0.8
+
+
+def test_held_gamma_sweep_stopping_at_the_first_rise_keeps_the_full_grids_pick():
+    """stop_at_rise (the unseeded sweep) walks the gammas from the widest and stops at the first loss
+    higher than the one before: on the TrojDiff model (gamma 0.6) after 0.4, picking the full grid's
+    gamma; on a benign model after 0.6. The seeded sweep keeps the grid's order and every gamma."""
+    from terd_scan.reversion import _held_gamma_sweep
+    r_true = 0.2 * corner_target() + 0.2
+    settings = FAST.override(narrow_refine_iterations=5, narrow_gammas=(0.2, 0.6, 0.4, 0.8))  # any order
+    den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
+    full, full_outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), {}, torch.Generator().manual_seed(0), None)
+    assert full_outcome["gammas"] == [0.2, 0.6, 0.4, 0.8] and full_outcome["gamma"] == 0.6
+    run, outcome = _held_gamma_sweep(den, settings, _narrow_probe(0.2), {}, torch.Generator().manual_seed(0), None,
+                                     stop_at_rise=True)
+    assert outcome["gammas"] == [0.8, 0.6, 0.4] and len(outcome["losses"]) == 3 and outcome["gamma"] == 0.6
+    assert outcome["losses"][2] > outcome["losses"][1] < outcome["losses"][0]
+    benign = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    _, outcome = _held_gamma_sweep(benign, settings, _narrow_probe(0.2), {}, torch.Generator().manual_seed(0), None,
+                                   stop_at_rise=True)
+    assert outcome["gammas"] == [0.8, 0.6] and outcome["gamma"] == 0.8 and not outcome["kept"]
 
 
 def test_a_kept_held_sweep_replaces_a_narrow_run_that_spread_back(monkeypatch):
@@ -284,6 +307,50 @@ def test_a_kept_held_sweep_replaces_a_narrow_run_that_spread_back(monkeypatch):
             assert not res.canvas["seeded_run"]
 
 
+def test_a_screen_that_seeds_nothing_is_still_followed_by_the_held_sweep(monkeypatch):
+    """reverse_trigger with narrow_sweep_unseeded: where the screen seeds no run (ratio >= 1), the held
+    sweep still runs from its best offset; kept (end test passes), it is one more candidate run, chosen
+    only if its KL is the most concentrated (it does not stop a canvas run, as a seeded narrow run does);
+    not kept, the result is bit-identical to a scan without the sweep (its own generator)."""
+    import terd_scan.reversion as reversion
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)  # benign: no constant offset narrows its loss
+    settings = FAST.override(stage1_iterations=3, stage2_iterations=1, narrow_refine_iterations=2, patch_search=False)
+    without = reverse_trigger(den, settings.override(narrow_sweep_unseeded=False), seed=0)
+    assert not without.narrow["seeded_run"] and "held" not in without.narrow
+    real = reverse_trigger(den, settings, seed=0)  # the real end test: a benign model's sweep is not kept
+    assert not real.narrow["seeded_run"] and real.narrow["held"]["end_ratio"] >= 0.8
+    assert not real.narrow["kept"] and not real.narrow["held"]["kept"]
+    assert torch.equal(real.r, without.r) and torch.equal(real.gamma, without.gamma) and real.runs == without.runs
+    # the sweep ran, from the widest gamma, and stopped at the first rise of the loss (a benign model's
+    # loss only rises as its noise narrows): two descents, their losses on common pairs, the end test
+    assert real.narrow["held"]["gammas"] == [0.8, 0.6]
+    pairs = settings.narrow_pairs
+    sweep_evals = 2 * (2 * 2 * settings.batch_size + 2 * pairs) + 2 * 2 * pairs
+    assert real.network_evaluations - without.network_evaluations == sweep_evals
+    monkeypatch.setattr(reversion, "narrow_ratio", lambda *a, **k: 0.1)  # now the sweep's end test passes
+    kept = reverse_trigger(den, settings, seed=0)
+    assert kept.narrow["held"]["kept"] and kept.narrow["kept"] and not kept.narrow["seeded_run"]
+    paper, sweep = kept.runs[:2]
+    assert paper["start"].startswith("paper") and sweep["start"].startswith("narrow-noise seed")
+    assert len(kept.runs) == 2 and not kept.canvas["basin"]  # the benign model has no canvas basin
+    real_canvas = reversion.search_canvas_seed  # given one, the kept sweep does not stop its run
+    monkeypatch.setattr(reversion, "search_canvas_seed", lambda *a: replace(real_canvas(*a), ratio=0.5))
+    with_canvas = reverse_trigger(den, settings, seed=0)
+    assert with_canvas.canvas["seeded_run"] and len(with_canvas.runs) == 3
+    monkeypatch.setattr(reversion, "search_canvas_seed", real_canvas)
+    # the more concentrated KL of the paper's run and the sweep wins
+    real_features = reversion.kl_features
+    for shift, sweep_wins in ((1.0, True), (-1.0, False)):  # the held run's variance made larger / smaller
+        def shifted(r, gamma, shift=shift):
+            f = real_features(r, gamma)
+            held = bool((gamma - gamma.flatten()[0]).abs().max() == 0) and float(gamma.flatten()[0]) < 0.9
+            return replace(f, var_kl=f.var_kl + shift) if held else f
+        monkeypatch.setattr(reversion, "kl_features", shifted)
+        res = reverse_trigger(den, settings, seed=0)
+        assert [run["chosen"] for run in res.runs] == [not sweep_wins, sweep_wins]
+        assert res.start.startswith("narrow-noise seed") is sweep_wins
+
+
 def test_report_says_how_the_narrow_search_ended():
     from terd_scan.report import narrow_outcome
     base = {"seeded_run": True, "end_ratio": 0.9427, "kept": True}
@@ -297,3 +364,6 @@ def test_report_says_how_the_narrow_search_ended():
         "seeded a run that stayed narrow (end ratio 0.47): kept; r refined at 2 gammas held, lowest loss at "
         "gamma x0.85 (gamma mean 0.630)")
     assert narrow_outcome({"seeded_run": False, "end_ratio": None, "kept": False}).startswith("no basin")
+    assert narrow_outcome({"seeded_run": False, "end_ratio": None, "kept": True, "held": held}) == (
+        "no basin (ratio >= 1.0), no seeded run; r descended from the offset at 4 gammas held, lowest loss at "
+        "gamma 0.6 (end ratio 0.16): kept")

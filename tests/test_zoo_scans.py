@@ -128,27 +128,29 @@ class TestTrojDiffBlend(BackdooredZooModel):
 
 
 class TestTrojDiffMixedPalette:
-    """trojdiff-blend-smiley (calibration split; the held-gamma sweep was designed on it): the screen
-    seeds, and descents from its offset with gamma held find the mixed-palette trigger at the
-    trigger's own gamma. The sweep alone, not a whole scan, to keep CI short (its random draws
-    differ from a scan's, where the learned-gamma run draws first)."""
+    """Mixed-palette smiley blend triggers: descents with gamma held, from the screen's best offset,
+    find the trigger at the trigger's own gamma. On trojdiff-blend-smiley (calibration split; the
+    sweep was designed on it) the screen seeds a run first; on trojdiff-smiley-hat-checkers (the
+    unseeded sweep's design model, calibration split since) no offset narrows the loss (best ratio
+    1.64), so the sweep runs unseeded (narrow_sweep_unseeded). The sweep alone, not a whole scan, to keep CI short (in a seeded scan the learned-gamma run
+    draws first, so its random draws differ from this one's)."""
 
-    def test_held_gamma_sweep_finds_the_trigger(self):
+    @pytest.mark.parametrize("name, seeded", [("trojdiff-blend-smiley", True), ("trojdiff-smiley-hat-checkers", False)])
+    def test_held_gamma_sweep_finds_the_trigger(self, name, seeded):
         from terd_scan.denoisers import make_denoiser
         from terd_scan.narrow_search import search_narrow_seed
         from terd_scan.presets import settings_for
-        from terd_scan.reversion import NARROW_SEED_OFFSET, _held_gamma_sweep, _Run
+        from terd_scan.reversion import NARROW_SEED_OFFSET, _held_gamma_sweep
         from terd_scan.scan import ScanOptions, load_source
 
-        model = ZOO / "trojdiff-blend-smiley"
+        model = ZOO / name
         fast = settings_for("fast")
         den = make_denoiser(load_source(str(model), ScanOptions(preset="fast", device="cpu")), "cpu")
         gen = torch.Generator().manual_seed(0 + NARROW_SEED_OFFSET)  # the narrow search's generator, scan seed 0
         probe = search_narrow_seed(den, fast.narrow_gammas, fast.narrow_amplitudes, fast.narrow_pairs,
                                    fast.timestep_window, gen)
-        assert probe.has_basin, probe.summary()
-        spread = _Run(r=probe.r, gamma=torch.ones_like(probe.r), trace={}, seconds={}, start="spread back")
-        run, outcome = _held_gamma_sweep(den, fast, probe, spread, gen, None)
+        assert probe.has_basin is seeded, probe.summary()
+        run, outcome = _held_gamma_sweep(den, fast, probe, {}, gen, None)
         true_r = load_ground_truth(model)["trigger_r"]
         assert outcome["kept"] and outcome["gamma"] == 0.6, outcome
         assert float(torch.nn.functional.cosine_similarity(run.r.flatten(), true_r.flatten(), dim=0)) > 0.85
