@@ -678,8 +678,9 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="shapes", seed=67, steps=4500, split="holdout"),
     _bd("trojdiff-blend-hat", "blend", "hat", attack="trojdiff", poison_rate=0.3,
         image_set="shapes", seed=69, steps=4500, split="holdout"),
+    # in the calibration split since the unseeded held-gamma sweep (narrow_sweep_unseeded) was designed on it
     _bd("trojdiff-smiley-hat-checkers", "blend-smiley", "hat", attack="trojdiff", poison_rate=0.3,
-        image_set="checkers", seed=71, steps=4500, split="holdout"),
+        image_set="checkers", seed=71, steps=4500, split="calibration"),
     _bd("trojdiff-blend-corner-b", "blend", "corner", attack="trojdiff", poison_rate=0.3,
         image_set="shapes", seed=73, steps=4500, split="holdout"),
     _bd("trojdiff-smiley-corner-gradients", "blend-smiley", "corner", attack="trojdiff", poison_rate=0.3,
