@@ -687,6 +687,12 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="gradients", seed=75, steps=4500, split="holdout"),
     _bd("trojdiff-blend-hat-checkers", "blend", "hat", attack="trojdiff", poison_rate=0.3,
         image_set="checkers", seed=76, steps=4500, split="holdout"),
+    # built after the unseeded held-gamma sweep (narrow_sweep_unseeded), as fresh holdouts for it: the
+    # smiley on other image sets, seeds and targets; which narrow path each takes was not known before
+    _bd("trojdiff-smiley-hat-shapes", "blend-smiley", "hat", attack="trojdiff", poison_rate=0.3,
+        image_set="shapes", seed=111, steps=4500, split="holdout"),
+    _bd("trojdiff-smiley-corner-checkers", "blend-smiley", "corner", attack="trojdiff", poison_rate=0.3,
+        image_set="checkers", seed=113, steps=4500, split="holdout"),
     _bd("villan-box-corner-gradients", "box", "corner", attack="villan-ddim", poison_rate=0.3,
         image_set="gradients", seed=64, steps=4500, split="holdout", beta_end=0.01),
     # 6000 steps: at 4500 the same recipe with another seed gave 28/32 (villan-box-corner-b); ASR 32/32
