@@ -118,6 +118,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
                 runs.append(held)
                 narrow_index, narrow["kept"] = len(runs) - 1, True
             refine_seconds = time.perf_counter() - t0
+    # a kept narrow run from a seeded screen is the result whatever a canvas run gives, so none is made then
+    narrow_won = narrow is not None and narrow["kept"] and narrow["seeded_run"]
     canvas = None
     canvas_index = None
     canvas_seconds = 0.0
@@ -125,8 +127,6 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
         found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
             denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
-        # a kept narrow run from a seeded screen is the result whatever a canvas run gives, so none is made then
-        narrow_won = narrow is not None and narrow["kept"] and narrow["seeded_run"]
         canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not narrow_won,
                   "end_ratio": None, "kept": False}
         if canvas["seeded_run"]:  # the loss falls toward the canvas; kept if it still falls toward the end point
@@ -138,7 +138,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
     features = [kl_features(run.r, run.gamma) for run in runs]
-    if narrow is not None and narrow["kept"] and narrow["seeded_run"]:
+    if narrow_won:
         chosen = narrow_index
     elif canvas is not None and canvas["kept"]:
         chosen = canvas_index
