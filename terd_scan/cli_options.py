@@ -45,6 +45,9 @@ CanvasSearchOpt = Annotated[Optional[bool], typer.Option("--canvas-search/--no-c
                                                          help="Override: screen constant canvases for triggers the "
                                                               "start does not point at (on in standard and fast, off "
                                                               "in paper).")]
+RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
+                                                  help="Override: iterations of each held-gamma descent of the "
+                                                       "narrow-noise refinement and sweeps (0: none).")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Hub revision: branch, tag or commit.")]
 TokenOpt = Annotated[Optional[str], typer.Option("--token", help="Hub token \\[default: $HF_TOKEN].", show_default=False)]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Hugging Face cache folder.")]
@@ -55,7 +58,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle wei
 
 def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
                  l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None,
-                 narrow_search=None, canvas_search=None, **extra):
+                 narrow_search=None, canvas_search=None, refine_iterations=None, **extra):
     from .scan import ScanOptions
 
     return ScanOptions(
@@ -65,6 +68,7 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
         overrides=dict(stage1_iterations=stage1_iterations, stage2_iterations=stage2_iterations,
                        batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
                        l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
-                       narrow_search=narrow_search, canvas_search=canvas_search), **extra)
+                       narrow_search=narrow_search, canvas_search=canvas_search,
+                       narrow_refine_iterations=refine_iterations), **extra)
 
 

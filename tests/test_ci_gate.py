@@ -21,8 +21,9 @@ def fake_path(tmp_path):
     hf = bin_dir / "hf"
     hf.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
     hf.chmod(hf.stat().st_mode | stat.S_IEXEC)
-    # terd-scan from this interpreter's environment
-    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+    # terd-scan from this interpreter's environment; one intra-op thread, as conftest gives each xdist
+    # worker: beside the other worker a two-thread scan stalls on this 2-core box
+    env = dict(os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
     return env, log
 
 

@@ -11,6 +11,7 @@ import fixtures_models as fm
 from terd_scan.cli import app
 
 CHEAP = ["--stage1-iterations", "3", "--stage2-iterations", "1", "--batch-size", "2", "--sampler-steps", "2",
+         "--refine-iterations", "3",
          "--preview-steps", "4", "--device", "cpu"]
 
 
@@ -52,6 +53,7 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert report["settings"]["narrow_search"] is True and narrow["candidates"] == 64
     assert narrow["gamma"] in (0.8, 0.6, 0.4, 0.2) and len(narrow["offset"]) == 3
     assert isinstance(narrow["seeded_run"], bool) and narrow["ratio"] > 0 and narrow["network_evaluations"] > 0
+    assert report["settings"]["narrow_refine_iterations"] == 3  # --refine-iterations
     canvas = report["canvas_search"]  # 8 sign patterns x 2 amplitudes
     assert report["settings"]["canvas_search"] is True and canvas["candidates"] == 16 and len(canvas["offset"]) == 3
     assert isinstance(canvas["kept"], bool) and report["timing"]["canvas_search_seconds"] >= 0
@@ -65,6 +67,17 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     trig = Trigger.load(out / "trigger.safetensors")
     assert trig.shape == (3, 8, 8) and trig.metadata["verdict"] == "clean"
     assert (out / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refine_iterations_0_runs_no_held_gamma_descent(model_dirs, refs, tmp_path):
+    """Whether or not the narrow screen seeds a run, --refine-iterations 0 leaves no refinement and no sweep."""
+    cheap = [a if a != "3" or CHEAP[i - 1] != "--refine-iterations" else "0" for i, a in enumerate(CHEAP)]
+    res = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"], *cheap)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["settings"]["narrow_refine_iterations"] == 0 and report["settings"]["narrow_sweep_unseeded"] is True
+    assert "held" not in report["narrow_search"] and "refine" not in report["narrow_search"]
+    assert report["timing"]["narrow_refine_seconds"] == 0
 
 
 def test_no_patch_search_and_no_narrow_search_flags(model_dirs, refs, tmp_path):
