@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from start_ablation import thresholds  # noqa: E402
-from zoo_scans import ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
+from start_ablation import thresholds, write_results  # noqa: E402
+from zoo_scans import ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
 
 PAPER_RUN_ONLY = {"patch_search": False, "narrow_search": False, "canvas_search": False}
 
@@ -90,11 +90,7 @@ def main() -> None:
         lines.append(f"| {e['model']} | {e['split']} | {e['label']} | "
                      + " | ".join(f"{e['runs'][k]['score']:.2f}" for k in keys) + " | "
                      + " | ".join(fmt(e['runs'][k]['r_cosine']) for k in keys) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"lambda-ablation-{args.preset}"
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "models": table}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text)
+    write_results(f"lambda-ablation-{args.preset}", command, summary, table, lines)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,15 @@ def thresholds(rows: list[dict]) -> dict:
     return out
 
 
+def write_results(name: str, command: str, summary: dict, table: list[dict], lines: list[str]) -> None:
+    """Print the Markdown lines and write benchmarks/results/<name>.{json,md}."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = ROOT / "benchmarks" / "results" / name
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "models": table}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+
+
 def start_cosine(model_dir: Path, shape: tuple) -> float | None:
     """Cosine of the true trigger r with the paper's seed-0 start -U[0,1) (None for benign models)."""
     gt = load_ground_truth(model_dir)
@@ -106,11 +115,7 @@ def main() -> None:
     for e in table:
         lines.append(f"| {e['model']} | {e['split']} | {e['label']} | {e['paper_score']:.2f} | {e['centred_score']:.2f} | "
                      f"{fmt(e['paper_r_cosine'])} | {fmt(e['centred_r_cosine'])} | {fmt(e['trigger_start_cosine'])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / f"start-ablation-{args.preset}"
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "models": table}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text)
+    write_results(f"start-ablation-{args.preset}", command, summary, table, lines)
 
 
 if __name__ == "__main__":
