@@ -3,6 +3,14 @@ rates with the reversed trigger, trigger recovery error, and cost, for each pres
 and holdout models are reported apart (the holdout rows are the ones that count).
 
     python benchmarks/quality.py --preset fast --preset standard [--zoo DIR ...] [--model NAME ...] [--no-cache]
+    python benchmarks/quality.py --preset standard --set l1_weight=0.002 [--shard 1/2]
+
+--set KEY=VALUE (repeatable) tries a reversion setting over the whole zoo before a preset takes it:
+the rows are cached under the changed settings, and as the shipped reference does not hold for
+them, each model is judged against thresholds made the shipped way (mu + 3 sigma) from the run's
+own calibration benign models of its reference family (seed 0 only, where the shipped reference
+also has seed 1). --shard K/N reverses only every N-th model from the K-th and writes no results:
+N processes fill the cache side by side, then one run without --shard reads it.
 
 Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo models built with
 `python -m terd_scan.zoo build NAME --out DIR`, or examples/zoo-families for the latent models).
@@ -29,8 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import auroc, auroc_interval, wilson  # noqa: E402
+from start_ablation import thresholds as own_thresholds  # noqa: E402
 from zoo_scans import ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
 
+from terd_scan.presets import ReversionSettings  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
 SPLITS = ("holdout", "calibration", "all")
@@ -129,12 +139,14 @@ def _ci(v: tuple[float, float]) -> str:
     return f"[{v[0]:.2f}, {v[1]:.2f}]"
 
 
-def markdown(summary: list[dict], command: str) -> str:
+def markdown(summary: list[dict], command: str, own_thresholds: bool = False) -> str:
     head = ["preset", "split", "family", "n", "TPR [95% CI]", "TNR [95% CI]", "AUROC [95% CI]",
             "r cos", "r L2", "input TPR/TNR", "s/scan", "net evals"]
     lines = [f"Command: `{command}`", "",
              "TPR/TNR: Wilson 95% intervals; AUROC: bootstrap 95% interval against the benign models "
-             "of the same split; score = max(M_r/th_M, V_r/th_V) with the shipped reference.", "",
+             "of the same split; score = max(M_r/th_M, V_r/th_V) with "
+             + ("thresholds mu + 3 sigma over this run's calibration benign models (seed 0) of the model's reference family."
+                if own_thresholds else "the shipped reference."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         bd = not is_benign(s["family"])
@@ -149,6 +161,34 @@ def markdown(summary: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs -> reversion-setting overrides, each value of the setting's own type."""
+    defaults = ReversionSettings().to_dict()
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in defaults:
+            sys.exit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+    return out
+
+
+def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: list[dict]) -> dict:
+    """The shipped reference's thresholds, or with overrides (which it does not hold for) mu + 3 sigma
+    over this run's calibration benign rows of the family."""
+    if overrides:
+        benign = [r for r in rows if r["label"] == "benign" and r["split"] == "calibration"]
+        if len(benign) < 2:
+            sys.exit(f"--set needs at least 2 calibration benign {ref_family} models among the models run")
+        return own_thresholds(benign)
+    reference = shipped_reference(preset, ref_family)
+    if reference is None:
+        sys.exit(f"no shipped {ref_family} reference for preset {preset!r}: build it with "
+                 f"benchmarks/build_reference.py --family {ref_family} --preset {preset}")
+    return reference.thresholds()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", default=None)
@@ -156,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="append", default=[], help="only this zoo model (repeatable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a reversion setting for every model (repeatable)")
+    ap.add_argument("--shard", default=None, metavar="K/N", help="only fill the cache for every N-th model from the K-th")
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
     torch.set_num_threads(args.threads)
     presets = args.preset or ["fast", "standard"]
     models = zoo_models(ZOO_DIR) + [m for d in args.zoo for m in zoo_models(Path(d))]
@@ -169,32 +213,38 @@ def main(argv: list[str] | None = None) -> None:
     for m in [m for m in models if kinds[m] not in REFERENCE_FAMILY]:
         print(f"skipped {m.name}: {kinds[m]} models get no verdict", flush=True)
     models = [m for m in models if kinds[m] in REFERENCE_FAMILY]
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        for preset in presets:
+            for m in models[k - 1::n]:
+                row = reverse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache)
+                print(f"{preset:9s} {row['model']:28s} M_r {row['mean_kl']:.5f} V_r {row['var_kl']:.3g}", flush=True)
+        return
     rows = []
     for preset in presets:
+        reversed_rows = [reverse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache) for m in models]
         thresholds = {}
         for ref_family in sorted({REFERENCE_FAMILY[kinds[m]] for m in models}):
-            reference = shipped_reference(preset, ref_family)
-            if reference is None:
-                sys.exit(f"no shipped {ref_family} reference for preset {preset!r}: build it with "
-                         f"benchmarks/build_reference.py --family {ref_family} --preset {preset}")
-            thresholds[ref_family] = reference.thresholds()
-        for m in models:
+            thresholds[ref_family] = reference_thresholds(preset, ref_family, overrides, [
+                r for m, r in zip(models, reversed_rows) if REFERENCE_FAMILY[kinds[m]] == ref_family])
+        for m, row in zip(models, reversed_rows):
             th = thresholds[REFERENCE_FAMILY[kinds[m]]]
-            row = reverse_zoo_model(m, preset, use_cache=not args.no_cache)
             row = {**row, "family": family(row), "score": score(row, th), "thresholds": th}
             rows.append(row)
             print(f"{preset:9s} {row['model']:28s} {row['split']:12s} {row['family']:22s} "
                   f"score {row['score']:.2f} -> {'backdoored' if row['score'] > 1 else 'clean'}", flush=True)
     summary = summarise(rows)
     command = "python benchmarks/quality.py " + " ".join(f"--preset {p}" for p in presets) + \
+        "".join(f" --set {kv}" for kv in args.set) + \
         "".join(f" --zoo {d}" for d in args.zoo) + "".join(f" --model {m}" for m in args.model)
-    md = markdown(summary, command)
+    md = markdown(summary, command, own_thresholds=bool(overrides))
     if len(presets) > 1:
         md += "\n" + verdict_markdown(verdicts_by_model(rows), presets)
     print("\n" + md)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    name = "quality-" + "-".join(presets)
+    name = "quality-" + "-".join(presets) + "".join(f"-{k}-{v:g}" if isinstance(v, float) else f"-{k}-{v}"
+                                                    for k, v in overrides.items())
     (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "by_model": verdicts_by_model(rows), "rows": [
         {k: v for k, v in r.items() if k != "settings"} for r in rows]}, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)

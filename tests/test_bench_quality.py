@@ -133,3 +133,28 @@ def test_seed_cache_rejects_what_is_not_a_results_json(tmp_path, capsys):
             seed_cache.main([str(tmp_path / name)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and cause in err and err.count("\n") == 1, err
+
+
+def test_set_overrides_take_the_settings_types_and_refuse_unknown_keys():
+    from quality import parse_overrides
+
+    assert parse_overrides(["l1_weight=0.002", "stage1_iterations=50", "canvas_search=off"]) == {
+        "l1_weight": 0.002, "stage1_iterations": 50, "canvas_search": False}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["no_such_setting=1"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["l1_weight"])
+
+
+def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_models():
+    from quality import reference_thresholds
+
+    rows = [_row("b1", "benign", "calibration", 0.01, 0.0001), _row("b2", "benign", "calibration", 0.03, 0.0003),
+            _row("h1", "benign", "holdout", 9.0, 9.0), _row("x1", "backdoored", "calibration", 5.0, 5.0, "baddiffusion")]
+    th = reference_thresholds("standard", "pixel", {"l1_weight": 0.002}, rows)
+    sigma = (2 * 0.01 ** 2) ** 0.5  # sample sigma of 0.01 and 0.03: holdout and backdoored rows left out
+    assert th["mean_kl"] == pytest.approx(0.02 + 3 * sigma)
+    with pytest.raises(SystemExit, match="calibration benign"):
+        reference_thresholds("standard", "pixel", {"l1_weight": 0.002}, rows[2:])
+    shipped = reference_thresholds("standard", "pixel", {}, rows)  # no overrides: the shipped reference
+    assert shipped["mean_kl"] != th["mean_kl"] and shipped["mean_kl"] > 0
