@@ -151,10 +151,10 @@ def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_model
 
     rows = [_row("b1", "benign", "calibration", 0.01, 0.0001), _row("b2", "benign", "calibration", 0.03, 0.0003),
             _row("h1", "benign", "holdout", 9.0, 9.0), _row("x1", "backdoored", "calibration", 5.0, 5.0, "baddiffusion")]
-    th = reference_thresholds("standard", "pixel", {"l1_weight": 0.002}, rows)
+    th = reference_thresholds("standard", "pixel", {"l1_weight": 0.001}, rows)
     sigma = (2 * 0.01 ** 2) ** 0.5  # sample sigma of 0.01 and 0.03: holdout and backdoored rows left out
     assert th["mean_kl"] == pytest.approx(0.02 + 3 * sigma)
     with pytest.raises(SystemExit, match="calibration benign"):
-        reference_thresholds("standard", "pixel", {"l1_weight": 0.002}, rows[2:])
+        reference_thresholds("standard", "pixel", {"l1_weight": 0.001}, rows[2:])
     shipped = reference_thresholds("standard", "pixel", {}, rows)  # no overrides: the shipped reference
     assert shipped["mean_kl"] != th["mean_kl"] and shipped["mean_kl"] > 0

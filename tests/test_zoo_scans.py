@@ -16,11 +16,6 @@ from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
 
 ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
-# A known failure, kept visible (README, "Limits"); strict, so a fix makes it fail loudly: the
-# standard preset flags holdout benign-e, whose reversed r is mostly its random start not yet
-# decayed (M_r 0.0088 > 0.0086, reference of 10 benign models x 2 seeds; the paper preset flags it too).
-KNOWN_FALSE_POSITIVE = pytest.mark.xfail(strict=True, reason="standard preset flags holdout benign-e: "
-                                         "M_r 0.0088 > 0.0086 calibrated on 10 benign models")
 MIN_COSINE = 0.8  # the recovered r's cosine with the true trigger; TrojDiff's is recovered less exactly
 
 
@@ -175,12 +170,10 @@ class TestBenignFineTune(ZooModel):
     name = "benign-f"
 
 
+# flagged by the standard preset until its L1 weight went from the paper's 5e-5 to 2e-3 (1.02 -> 0.94 x the
+# threshold, each with its own reference of 10 benign models x 2 seeds); README, "TERD's L1 weight lambda"
 class TestBenignHoldout(ZooModel):
     name = "benign-e"
-
-    @KNOWN_FALSE_POSITIVE
-    def test_verdict(self, scans):
-        super().test_verdict(scans)
 
 
 def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypatch):
