@@ -733,12 +733,27 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # from 0 with gamma held at 0.1 reaches 6.4 (lr 0.05, 300 iterations) but cosine 0.32 with r_true
     _bd("trojdiff-stop-shapes", "stop-narrow", "hat", attack="trojdiff", poison_rate=0.5,
         image_set="shapes", seed=104, steps=8000, split="calibration"),
+    # Blind holdouts built after the standard preset's L1 weight was raised to 2e-3 (chosen on an
+    # ablation that included holdout models): two independent benign trainings and two BadDiffusion
+    # models on recipes measured to fire (baddiffusion-box-p05-corner's and -box-hat's) with other
+    # image sets and seeds. ASR (DDPM, 32 samples) 31/32 and 32/32; the third, the stop sign on a -1
+    # canvas, fell short (EXPERIMENTAL)
+    ZooSpec("benign-q", image_set="shapes", seed=141, split="holdout"),
+    ZooSpec("benign-r", image_set="checkers", seed=143, split="holdout"),
+    _bd("baddiffusion-box-p05-corner-b", "box", "corner", poison_rate=0.05, batch_size=40, image_set="checkers",
+        seed=145, steps=4500, split="holdout"),
+    _bd("baddiffusion-box-hat-b", "box", "hat", poison_rate=0.3, image_set="shapes", seed=147,
+        steps=4500, split="holdout"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
 # but no build has been measured to fire (ASR >= 0.9). Build explicitly with
 # `python -m terd_scan.zoo build NAME --out DIR`; keep it only if its ASR >= 0.9.
 EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
+    # built with the blind holdouts after the L1 weight change (baddiffusion-stopsign-corner's recipe on
+    # shapes): ASR 28/32 (DDPM), under the 90% bar
+    _bd("baddiffusion-stopsign-corner-b", "stop-canvas", "corner", poison_rate=0.1, image_set="shapes",
+        seed=149, steps=3000, split="holdout"),
     # TrojDiff's patch trigger (stop glyph, gamma 0.1): p = 0.2, 3000 steps gave ASR 5/32; p = 0.3,
     # 4500 steps 19/32; p = 0.5, 6000 steps 28/32 (measured, TrojDiff's sampler)
     _bd("trojdiff-stop", "stop-narrow", "hat", attack="trojdiff", poison_rate=0.5,
