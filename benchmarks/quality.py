@@ -169,9 +169,22 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in defaults:
             sys.exit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
-        kind = type(defaults[key])
-        out[key] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+        out[key] = _setting_value(key, value, defaults[key])
     return out
+
+
+def _setting_value(key: str, value: str, default):
+    """VALUE read as the type of the setting's default: a bool from on/off words, a tuple from a
+    comma-separated list of numbers, else int or float."""
+    try:
+        if isinstance(default, bool):
+            words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+            return words[value.lower()]
+        if isinstance(default, tuple):
+            return tuple(float(v) for v in value.split(","))
+        return type(default)(value)
+    except (KeyError, ValueError):
+        sys.exit(f"--set {key}={value}: not a valid {type(default).__name__} (default {default!r})")
 
 
 def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: list[dict]) -> dict:

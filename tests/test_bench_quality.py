@@ -144,6 +144,10 @@ def test_set_overrides_take_the_settings_types_and_refuse_unknown_keys():
         parse_overrides(["no_such_setting=1"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_overrides(["l1_weight"])
+    assert parse_overrides(["narrow_gammas=0.8,0.5"]) == {"narrow_gammas": (0.8, 0.5)}
+    for bad in ("l1_weight=abc", "canvas_search=maybe", "narrow_gammas=0.8,x"):
+        with pytest.raises(SystemExit, match="not a valid"):
+            parse_overrides([bad])
 
 
 def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_models():
