@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import auroc, auroc_interval, wilson  # noqa: E402
 from start_ablation import thresholds as own_thresholds  # noqa: E402
-from zoo_scans import ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
+from zoo_scans import ROOT, ZOO_DIR, bad_input, reverse_zoo_model, zoo_models  # noqa: E402
 
 from terd_scan.presets import ReversionSettings  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
@@ -168,7 +168,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in defaults:
-            sys.exit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
+            bad_input(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(defaults))}")
         out[key] = _setting_value(key, value, defaults[key])
     return out
 
@@ -184,7 +184,22 @@ def _setting_value(key: str, value: str, default):
             return tuple(float(v) for v in value.split(","))
         return type(default)(value)
     except (KeyError, ValueError):
-        sys.exit(f"--set {key}={value}: not a valid {type(default).__name__} (default {default!r})")
+        bad_input(f"--set {key}={value}: not a valid {type(default).__name__} (default {default!r})")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """K/N with 1 <= K <= N -> (K, N)."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        bad_input(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    return int(k), int(n)
+
+
+def _name_part(value) -> str:
+    """An override's value as it goes into a results file name: 0.002, 600, True, 0.8,0.5."""
+    if isinstance(value, tuple):
+        return ",".join(_name_part(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: list[dict]) -> dict:
@@ -193,11 +208,11 @@ def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: li
     if overrides:
         benign = [r for r in rows if r["label"] == "benign" and r["split"] == "calibration"]
         if len(benign) < 2:
-            sys.exit(f"--set needs at least 2 calibration benign {ref_family} models among the models run")
+            bad_input(f"--set needs at least 2 calibration benign {ref_family} models among the models run")
         return own_thresholds(benign)
     reference = shipped_reference(preset, ref_family)
     if reference is None:
-        sys.exit(f"no shipped {ref_family} reference for preset {preset!r}: build it with "
+        bad_input(f"no shipped {ref_family} reference for preset {preset!r}: build it with "
                  f"benchmarks/build_reference.py --family {ref_family} --preset {preset}")
     return reference.thresholds()
 
@@ -220,22 +235,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:
         unknown = set(args.model) - {m.name for m in models}
         if unknown:
-            sys.exit(f"unknown zoo model(s): {', '.join(sorted(unknown))}")
+            bad_input(f"unknown zoo model(s): {', '.join(sorted(unknown))}")
         models = [m for m in models if m.name in args.model]
     kinds = {m: json.loads((m / "terd-zoo.json").read_text()).get("family") for m in models}
     for m in [m for m in models if kinds[m] not in REFERENCE_FAMILY]:
         print(f"skipped {m.name}: {kinds[m]} models get no verdict", flush=True)
     models = [m for m in models if kinds[m] in REFERENCE_FAMILY]
+    def reverse(m: Path, preset: str) -> dict:
+        return reverse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache)
+
     if args.shard:
-        k, n = (int(x) for x in args.shard.split("/"))
+        k, n = parse_shard(args.shard)
         for preset in presets:
             for m in models[k - 1::n]:
-                row = reverse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache)
+                row = reverse(m, preset)
                 print(f"{preset:9s} {row['model']:28s} M_r {row['mean_kl']:.5f} V_r {row['var_kl']:.3g}", flush=True)
         return
     rows = []
     for preset in presets:
-        reversed_rows = [reverse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache) for m in models]
+        reversed_rows = [reverse(m, preset) for m in models]
         thresholds = {}
         for ref_family in sorted({REFERENCE_FAMILY[kinds[m]] for m in models}):
             thresholds[ref_family] = reference_thresholds(preset, ref_family, overrides, [
@@ -256,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + md)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    name = "quality-" + "-".join(presets) + "".join(f"-{k}-{v:g}" if isinstance(v, float) else f"-{k}-{v}"
-                                                    for k, v in overrides.items())
+    name = "quality-" + "-".join(presets) + "".join(f"-{k}-{_name_part(v)}" for k, v in overrides.items())
     (out / f"{name}.json").write_text(json.dumps({"command": command, "summary": summary, "by_model": verdicts_by_model(rows), "rows": [
         {k: v for k, v in r.items() if k != "settings"} for r in rows]}, indent=2) + "\n")
     (out / f"{name}.md").write_text(md)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_scans import ZOO_DIR, cache_path, settings_digest, zoo_models  # noqa: E402
+from zoo_scans import ZOO_DIR, bad_input, cache_path, settings_digest, zoo_models  # noqa: E402
 
 from terd_scan.loading import load_model  # noqa: E402
 from terd_scan.scan import ScanOptions, scan_settings, weights_fingerprint  # noqa: E402
@@ -66,11 +66,6 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
     return written, skipped
 
 
-def _bad_input(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results JSON files with a 'rows' list (quality.py's)")
@@ -84,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             rows = json.loads(Path(path).read_text()).get("rows")
         except (OSError, ValueError, AttributeError) as exc:  # missing, unreadable, not JSON, not an object
-            _bad_input(f"{path}: cannot read a results JSON ({exc.__class__.__name__}); pass one written by benchmarks/quality.py")
+            bad_input(f"{path}: cannot read a results JSON ({exc.__class__.__name__}); pass one written by benchmarks/quality.py")
         if not isinstance(rows, list):
-            _bad_input(f"{path}: no 'rows' list; pass a results JSON written by benchmarks/quality.py")
+            bad_input(f"{path}: no 'rows' list; pass a results JSON written by benchmarks/quality.py")
         written, skipped = seed_rows(rows, model_dirs, args.accept_undigested)
         total += written
         print(f"{path}: {written} row(s) seeded, {len(skipped)} skipped")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_scans import ROOT, ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
 
+from terd_scan.reference import Reference  # noqa: E402
 from terd_scan.zoo import load_ground_truth  # noqa: E402
 
 # the canvas search off in both: it is the remedy for what this ablation shows (canvas_search.py)
@@ -36,14 +36,9 @@ STARTS = {"paper": {"canvas_search": False}, "centred": {"centred_start": True, 
 
 
 def thresholds(rows: list[dict]) -> dict:
-    """mu + 3 sigma (sample sigma) of each feature over the calibration benign rows."""
-    out = {}
-    for key in ("mean_kl", "var_kl"):
-        values = [r[key] for r in rows]
-        mu = sum(values) / len(values)
-        sigma = math.sqrt(sum((v - mu) ** 2 for v in values) / max(len(values) - 1, 1))
-        out[key] = mu + 3 * sigma
-    return out
+    """mu + 3 sigma (sample sigma) of each feature over the calibration benign rows, computed as the
+    shipped references compute theirs."""
+    return Reference(name="calibration benign rows", settings={}, models=rows).thresholds()
 
 
 def write_results(name: str, command: str, summary: dict, table: list[dict], lines: list[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,12 @@ ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates,
 # default (off, which reproduces the earlier scans), so a new knob does not invalidate every cached scan.
 LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas_pairs", "narrow_sweep_unseeded")
 _DEFAULTS = ReversionSettings().to_dict()
+
+
+def bad_input(message: str) -> None:
+    """A benchmark script's bad argument or file: one line on stderr and exit code 2, as terd-scan does."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def zoo_models(zoo_dir: Path = ZOO_DIR) -> list[Path]:

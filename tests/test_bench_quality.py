@@ -135,22 +135,26 @@ def test_seed_cache_rejects_what_is_not_a_results_json(tmp_path, capsys):
         assert exit_info.value.code == 2 and cause in err and err.count("\n") == 1, err
 
 
-def test_set_overrides_take_the_settings_types_and_refuse_unknown_keys():
+def _exits_2_with_one_line(capsys, call, *args, match: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and match in err and err.count("\n") == 1, err
+
+
+def test_set_overrides_take_the_settings_types_and_refuse_unknown_keys(capsys):
     from quality import parse_overrides
 
     assert parse_overrides(["l1_weight=0.002", "stage1_iterations=50", "canvas_search=off"]) == {
         "l1_weight": 0.002, "stage1_iterations": 50, "canvas_search": False}
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        parse_overrides(["no_such_setting=1"])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        parse_overrides(["l1_weight"])
+    _exits_2_with_one_line(capsys, parse_overrides, ["no_such_setting=1"], match="KEY=VALUE")
+    _exits_2_with_one_line(capsys, parse_overrides, ["l1_weight"], match="KEY=VALUE")
     assert parse_overrides(["narrow_gammas=0.8,0.5"]) == {"narrow_gammas": (0.8, 0.5)}
     for bad in ("l1_weight=abc", "canvas_search=maybe", "narrow_gammas=0.8,x"):
-        with pytest.raises(SystemExit, match="not a valid"):
-            parse_overrides([bad])
+        _exits_2_with_one_line(capsys, parse_overrides, [bad], match="not a valid")
 
 
-def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_models():
+def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_models(capsys):
     from quality import reference_thresholds
 
     rows = [_row("b1", "benign", "calibration", 0.01, 0.0001), _row("b2", "benign", "calibration", 0.03, 0.0003),
@@ -158,7 +162,16 @@ def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_model
     th = reference_thresholds("standard", "pixel", {"l1_weight": 0.001}, rows)
     sigma = (2 * 0.01 ** 2) ** 0.5  # sample sigma of 0.01 and 0.03: holdout and backdoored rows left out
     assert th["mean_kl"] == pytest.approx(0.02 + 3 * sigma)
-    with pytest.raises(SystemExit, match="calibration benign"):
-        reference_thresholds("standard", "pixel", {"l1_weight": 0.001}, rows[2:])
+    _exits_2_with_one_line(capsys, reference_thresholds, "standard", "pixel", {"l1_weight": 0.001}, rows[2:],
+                           match="calibration benign")
     shipped = reference_thresholds("standard", "pixel", {}, rows)  # no overrides: the shipped reference
     assert shipped["mean_kl"] != th["mean_kl"] and shipped["mean_kl"] > 0
+
+
+def test_shard_is_k_of_n_and_a_bad_one_exits_with_one_line(capsys):
+    from quality import _name_part, parse_shard
+
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1/0", "a/b", "2"):
+        _exits_2_with_one_line(capsys, parse_shard, bad, match="K/N")
+    assert [_name_part(v) for v in (0.002, 600, True, (0.8, 0.5))] == ["0.002", "600", "True", "0.8,0.5"]
