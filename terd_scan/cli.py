@@ -19,8 +19,8 @@ from rich.console import Console
 from . import __version__
 from .errors import ScanError
 from .cli_inputs import inputs_command
-from .cli_options import (BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, GammaLrOpt,
-                          LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RefineOpt,
+from .cli_options import (BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, DipSearchOpt,
+                          GammaLrOpt, LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RefineOpt,
                           RevisionOpt,
                           SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt, scan_options)
 from .presets import DEFAULT_PRESET
@@ -125,7 +125,7 @@ def model_command(
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
-    canvas_search: CanvasSearchOpt = None, refine_iterations: RefineOpt = None,
+    canvas_search: CanvasSearchOpt = None, dip_search: DipSearchOpt = None, refine_iterations: RefineOpt = None,
     preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
@@ -143,6 +143,7 @@ def model_command(
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
+                           dip_search=dip_search,
                            refine_iterations=refine_iterations,
                            reference=str(reference) if reference else None, preview_steps=preview_steps,
                            unvalidated=unvalidated)
@@ -179,7 +180,7 @@ def calibrate_command(
     stage1_iterations: Stage1Opt = None, stage2_iterations: Stage2Opt = None, batch_size: BatchOpt = None,
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
-    canvas_search: CanvasSearchOpt = None, refine_iterations: RefineOpt = None,
+    canvas_search: CanvasSearchOpt = None, dip_search: DipSearchOpt = None, refine_iterations: RefineOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None, cache_dir: CacheOpt = None,
     config: ConfigOpt = None, allow_pickle: PickleOpt = False,
@@ -193,6 +194,7 @@ def calibrate_command(
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
+                           dip_search=dip_search,
                            refine_iterations=refine_iterations,
                            preview_steps=0)
     command = "terd-scan calibrate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["calibrate"] else ""

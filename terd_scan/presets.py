@@ -56,6 +56,13 @@ class ReversionSettings:
     canvas_search: bool = False
     canvas_amplitudes: tuple = (1.0, 0.5)
     canvas_pairs: int = 16
+    # Global proposal for faint narrow-noise triggers (r near 0, gamma < 1: TrojDiff scaled toward N(0, I);
+    # dip_search.py); off in `paper`. The loss at r = 0 along dip_gammas (widest first), dip_pairs pairs:
+    # a dip below every wider gamma's loss seeds a descent of r from 0 at that gamma held
+    # (narrow_refine_iterations iterations).
+    dip_search: bool = False
+    dip_gammas: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+    dip_pairs: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,9 +79,11 @@ PRESETS: dict[str, ReversionSettings] = {
     # along some BadDiffusion triggers, and at 5e-5 the L1 term (its gradient ~1% of the loss's) does
     # not hold r against that rise over 600 iterations (README, "TERD's L1 weight lambda").
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1, l1_weight=2e-3,
-                                  patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True),
+                                  patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
+                                  dip_search=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
-                              patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True),
+                              patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
+                              dip_search=True),
 }
 DEFAULT_PRESET = "standard"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .dip_search import DIP_SEED_RATIO
 from .narrow_search import SEED_RATIO
 from .patch_search import BASIN_RATIO
 
@@ -163,6 +164,16 @@ def render_console(report: dict, console) -> None:
         else:
             outcome = _seeded_run_outcome(cs, BASIN_RATIO, "a basin held", "no basin held")
         info.add_row("canvas search", f"{probe}; {outcome}")
+    ds = report.get("dip_search")
+    if ds:
+        probe = f"loss at r = 0 over {ds['candidates'] + 1} gammas; deepest dip at gamma {ds['gamma']:g}, ratio {ds['ratio']:.3g}"
+        if ds["ratio"] < DIP_SEED_RATIO and not ds["seeded_run"]:
+            outcome = "a dip, but no run: the kept narrow-noise run is the result"
+        elif not ds["seeded_run"]:
+            outcome = f"no dip (ratio >= {DIP_SEED_RATIO}), no run"
+        else:
+            outcome = _seeded_run_outcome(ds, DIP_SEED_RATIO, "still dips", "no longer dips")
+        info.add_row("dip search", f"{probe}; {outcome}")
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

@@ -13,6 +13,7 @@ import torch
 
 from .canvas_search import CANVAS_KEEP_RATIO, canvas_ratio, search_canvas_seed
 from .detection import kl_features
+from .dip_search import DIP_KEEP_RATIO, dip_profile, search_dip_seed
 from .narrow_search import KEEP_RATIO, narrow_ratio, search_narrow_seed
 from .pair_loss import common_pairs, pair_loss, pair_losses
 from .patch_search import search_patch_seed
@@ -20,7 +21,7 @@ from .presets import ReversionSettings
 
 # Each search draws from its own generator, seeded at the scan's seed plus an offset, so adding or
 # switching off one search leaves the others' draws (and their cached results) unchanged.
-PATCH_SEED_OFFSET, NARROW_SEED_OFFSET, CANVAS_SEED_OFFSET = 1_000_003, 2_000_003, 3_000_003
+PATCH_SEED_OFFSET, NARROW_SEED_OFFSET, CANVAS_SEED_OFFSET, DIP_SEED_OFFSET = 1_000_003, 2_000_003, 3_000_003, 4_000_003
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ReversionResult:
     start: str = ""  # where the chosen run started
     narrow: dict | None = None  # the narrow-noise search: its probe, test and seeded run
     canvas: dict | None = None  # the canvas search: its best offset and whether it seeded a run
+    dip: dict | None = None  # the dip search: the loss at r = 0 along its gammas and whether it seeded a run
     runs: list[dict] = field(default_factory=list)  # every run: start, features, chosen
 
 
@@ -55,10 +57,12 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     (_refine_narrow_run), or, when it spreads back (or, with settings.narrow_sweep_unseeded, when the
     screen seeds no run), descend r from the screen's offset at each screened gamma held
     (_held_gamma_sweep); with settings.canvas_search, screen constant canvases
-    (canvas_search.py) and, when the loss falls toward one, run both stages from it.
+    (canvas_search.py) and, when the loss falls toward one, run both stages from it; with
+    settings.dip_search, walk r = 0 down a grid of gammas (dip_search.py) and, when the loss dips at a
+    narrowed gamma, descend r from 0 with that gamma held (_dip_run).
 
     The result: a narrow-seeded run (learned or held gamma) whose end point still passes the narrow test; otherwise a
-    canvas-seeded run whose end point still passes the canvas test; otherwise the
+    dip-seeded run whose end point still dips; otherwise a canvas-seeded run whose end point still passes the canvas test; otherwise the
     run whose KL is most concentrated (largest variance over dimensions), among the paper's, the
     patch-seeded and a kept unseeded sweep: a run with no basin to hold it spreads back toward
     N(0, I). (An unseeded sweep competes rather than wins: near any backdoor's trigger a narrower
@@ -120,6 +124,18 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
             refine_seconds = time.perf_counter() - t0
     # a kept narrow run from a seeded screen is the result whatever a canvas run gives, so none is made then
     narrow_won = narrow is not None and narrow["kept"] and narrow["seeded_run"]
+    dip = None
+    dip_index = None
+    dip_seconds = 0.0
+    if s.dip_search:
+        dip_gen = torch.Generator(device=device).manual_seed(seed + DIP_SEED_OFFSET)
+        found, dip_seconds = _timed("dip search", progress, lambda: search_dip_seed(
+            denoiser, s.dip_gammas, s.dip_pairs, s.timestep_window, dip_gen))
+        dip = {**found.summary(), "seeded_run": found.has_basin and not narrow_won, "end_ratio": None, "kept": False}
+        if dip["seeded_run"]:  # the loss dips at a narrowed gamma; kept if it still dips at the run's end point
+            dip_index = _tested_run(runs, dip, DIP_KEEP_RATIO, lambda: _dip_run(denoiser, s, found.gamma, dip_gen, progress),
+                                    lambda run: _dip_at(denoiser, s, run, dip_gen))
+    dip_won = dip is not None and dip["kept"]
     canvas = None
     canvas_index = None
     canvas_seconds = 0.0
@@ -127,7 +143,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
         canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
         found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
             denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
-        canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not narrow_won,
+        canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not (narrow_won or dip_won),
                   "end_ratio": None, "kept": False}
         if canvas["seeded_run"]:  # the loss falls toward the canvas; kept if it still falls toward the end point
             canvas_index = _tested_run(runs, canvas, CANVAS_KEEP_RATIO, lambda: _two_stage_run(
@@ -140,15 +156,18 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     features = [kl_features(run.r, run.gamma) for run in runs]
     if narrow_won:
         chosen = narrow_index
+    elif dip_won:
+        chosen = dip_index
     elif canvas is not None and canvas["kept"]:
         chosen = canvas_index
     else:  # an unkept narrow or canvas run never wins; a kept unseeded sweep competes like the others
-        unkept = {i for i, outcome in ((narrow_index, narrow), (canvas_index, canvas))
+        unkept = {i for i, outcome in ((narrow_index, narrow), (canvas_index, canvas), (dip_index, dip))
                   if i is not None and not outcome["kept"]}
         chosen = max((i for i in range(len(runs)) if i not in unkept), key=lambda i: features[i].var_kl)
     seconds = {"stage1": sum(run.seconds["stage1"] for run in runs),
                "stage2": sum(run.seconds["stage2"] for run in runs), "patch_search": search_seconds,
-               "narrow_search": narrow_seconds, "narrow_refine": refine_seconds, "canvas_search": canvas_seconds}
+               "narrow_search": narrow_seconds, "narrow_refine": refine_seconds, "canvas_search": canvas_seconds,
+               "dip_search": dip_seconds}
     run_list = [{"start": run.start, **f.to_dict(), "chosen": i == chosen}
                 for i, (run, f) in enumerate(zip(runs, features))]
     if search is not None:
@@ -156,7 +175,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     best = runs[chosen]
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
-                           start=best.start, narrow=narrow, canvas=canvas, runs=run_list)
+                           start=best.start, narrow=narrow, canvas=canvas, dip=dip, runs=run_list)
 
 
 def _tested_run(runs: list, outcome: dict, keep_below: float, run: Callable[[], "_Run"],
@@ -265,6 +284,26 @@ def _held_gamma_descents(denoiser, s: ReversionSettings, r_start: torch.Tensor, 
             break
     k = min(range(len(losses)), key=losses.__getitem__)
     return [round(loss, 4) for loss in losses], k, runs[k]
+
+
+def _dip_run(denoiser, s: ReversionSettings, gamma: float, gen: torch.Generator, progress: Progress | None) -> "_Run":
+    """r descended from 0 with gamma held at the screen's dip (stage-1 loss, s.narrow_refine_iterations).
+
+    Why held: a faint trigger's r is small against the noise, so the dip in gamma is what the model
+    gives away; learning gamma from there lets it widen back toward 1, where the benign noise already
+    has a low loss, as the learned narrow runs do on blend triggers far from any offset."""
+    zero = torch.zeros(tuple(denoiser.input_shape), device=denoiser.device)
+    _, _, run = _held_gamma_descents(denoiser, s, zero, [gamma], [f" (dip seed, gamma {gamma:g} held)"],
+                                     f"dip seed (r = 0, gamma {gamma:g} held)", gen, progress)
+    return run
+
+
+def _dip_at(denoiser, s: ReversionSettings, run: "_Run", gen: torch.Generator) -> float:
+    """The end test: at the run's r, its loss at the held gamma over the highest at any wider grid gamma."""
+    held = float(run.gamma.mean())
+    grid = sorted({float(g) for g in s.dip_gammas if float(g) > held + 1e-9} | {held}, reverse=True)
+    _, _, losses = dip_profile(denoiser, run.r, grid, s.dip_pairs, s.timestep_window, gen)
+    return losses[-1] / max(max(losses[:-1]), 1e-12) if len(losses) > 1 else float("inf")
 
 
 @dataclass

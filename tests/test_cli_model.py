@@ -57,6 +57,9 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     canvas = report["canvas_search"]  # 8 sign patterns x 2 amplitudes
     assert report["settings"]["canvas_search"] is True and canvas["candidates"] == 16 and len(canvas["offset"]) == 3
     assert isinstance(canvas["kept"], bool) and report["timing"]["canvas_search_seconds"] >= 0
+    dip = report["dip_search"]  # r = 0 along the 9 gammas of the grid; 8 of them can dip
+    assert report["settings"]["dip_search"] is True and dip["candidates"] == 8 and len(dip["losses"]) == 9
+    assert isinstance(dip["kept"], bool) and report["timing"]["dip_search_seconds"] >= 0
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
@@ -82,12 +85,13 @@ def test_refine_iterations_0_runs_no_held_gamma_descent(model_dirs, refs, tmp_pa
 
 def test_no_patch_search_and_no_narrow_search_flags(model_dirs, refs, tmp_path):
     res = run("model", model_dirs["pipeline"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"],
-              "--no-patch-search", "--no-narrow-search", "--no-canvas-search", *CHEAP)
+              "--no-patch-search", "--no-narrow-search", "--no-canvas-search", "--no-dip-search", *CHEAP)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["patch_search"] is None and report["settings"]["patch_search"] is False
     assert report["narrow_search"] is None and report["settings"]["narrow_search"] is False
     assert report["canvas_search"] is None and report["settings"]["canvas_search"] is False
+    assert report["dip_search"] is None and report["settings"]["dip_search"] is False
     assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
 

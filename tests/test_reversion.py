@@ -11,6 +11,7 @@ from terd_scan.denoisers import DDPMDenoiser
 from terd_scan.detection import kl_features
 from terd_scan.presets import settings_for
 from terd_scan.canvas_search import canvas_candidates
+from terd_scan.dip_search import DIP_KEEP_RATIO, DIP_SEED_RATIO
 from terd_scan.patch_search import BASIN_RATIO, patch_candidates
 from terd_scan.reversion import pair_loss, reverse_trigger
 
@@ -46,7 +47,7 @@ def test_deterministic_given_seed_and_frozen_network():
     unet = AnalyticUNet(box_trigger(), corner_target())
     den = DDPMDenoiser(unet, SCHEDULE)
     settings = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False,
-                            narrow_search=False, canvas_search=False)
+                            narrow_search=False, canvas_search=False, dip_search=False)
     a = reverse_trigger(den, settings, seed=3)
     b = reverse_trigger(den, settings, seed=3)
     assert torch.equal(a.r, b.r) and torch.equal(a.gamma, b.gamma)
@@ -60,7 +61,7 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     nothing, costs its forward passes, and the result is the one without it."""
     den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
     base = settings_for("fast", stage1_iterations=20, stage2_iterations=2, patch_search=False, narrow_search=False,
-                        canvas_search=False)
+                        canvas_search=False, dip_search=False)
     without = reverse_trigger(den, base, seed=1)
     narrow = base.override(narrow_search=True, narrow_sweep_unseeded=False)  # the screen alone
     with_probe = reverse_trigger(den, narrow, seed=1)
@@ -71,6 +72,52 @@ def test_narrow_search_that_finds_no_basin_leaves_the_result_unchanged():
     assert with_probe.narrow["candidates"] == offsets * len(narrow.narrow_gammas)
     assert with_probe.network_evaluations - without.network_evaluations == probe_evals
     assert [run["chosen"] for run in with_probe.runs] == [True] and without.narrow is None
+
+
+DIP_ONLY = settings_for("fast", patch_search=False, narrow_search=False, canvas_search=False)
+
+
+def test_dip_search_alone_finds_a_faint_narrow_trigger():
+    """TrojDiff's blend scaled toward N(0, I) (r = 0.05 x a picture, gamma 0.6 kept): from the paper's start
+    the reversion stays at gamma ~ 1 and misses its narrowed noise; the loss at r = 0 dips at gamma 0.6, below every wider
+    gamma's, so the dip search descends r with gamma held there, and that run is kept and chosen."""
+    faint = 0.05 * (torch.rand((3, 16, 16), generator=torch.Generator().manual_seed(5)) * 2 - 1)
+    den = DDPMDenoiser(AnalyticTrojDiffUNet(faint, box_trigger(), gamma=0.6), SCHEDULE)
+    without = reverse_trigger(den, DIP_ONLY.override(dip_search=False), seed=0)
+    found = reverse_trigger(den, DIP_ONLY, seed=0)
+    assert float(without.gamma.mean()) > 0.9 and without.start.startswith("paper")  # the narrow noise missed
+    assert found.dip["seeded_run"] and found.dip["kept"] and found.dip["gamma"] == 0.6
+    assert found.dip["ratio"] < DIP_SEED_RATIO and found.dip["end_ratio"] < DIP_KEEP_RATIO
+    assert found.start.startswith("dip seed") and [run["chosen"] for run in found.runs] == [False, True]
+    assert torch.allclose(found.gamma, torch.full_like(found.gamma, 0.6))
+    assert kl_features(found.r, found.gamma).mean_kl > 0.15  # -log 0.6 + (0.36 - 1) / 2 = 0.19 per dimension
+
+
+def test_dip_search_that_finds_no_dip_leaves_the_result_unchanged():
+    """On a model trained on gamma = 1 only the loss at r = 0 rises as the noise narrows: no run, the
+    screen's forward passes only, and the result is the one without it."""
+    den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
+    base = DIP_ONLY.override(stage1_iterations=20, stage2_iterations=2)
+    without = reverse_trigger(den, base.override(dip_search=False), seed=1)
+    with_screen = reverse_trigger(den, base, seed=1)
+    assert torch.equal(with_screen.r, without.r) and torch.equal(with_screen.gamma, without.gamma)
+    assert with_screen.dip["seeded_run"] is False and with_screen.dip["ratio"] >= DIP_SEED_RATIO
+    assert with_screen.network_evaluations - without.network_evaluations == 9 * 2 * base.dip_pairs
+    assert len(with_screen.runs) == 1 and without.dip is None
+
+
+def test_dip_profile_scores_each_gamma_against_every_wider_one(monkeypatch):
+    """The dip at a gamma is its loss over the HIGHEST loss at any wider gamma of the grid (the grid sorted
+    widest first whatever its order); the widest never dips, and a NaN loss never wins."""
+    import terd_scan.dip_search as dip_search
+
+    table = {1.0: 4.0, 0.8: 10.0, 0.6: 6.0, 0.4: float("nan"), 0.2: 7.0}
+    monkeypatch.setattr(dip_search, "pair_losses", lambda den, x0, r, gamma, t, c, e: torch.tensor([table[gamma]]))
+    monkeypatch.setattr(dip_search, "common_pairs", lambda *args: (None, None, None))
+    gamma, ratio, losses = dip_search.dip_profile(None, torch.zeros(1), [0.2, 0.6, 1.0, 0.4, 0.8], 1, 1, None)
+    assert gamma == 0.6 and ratio == pytest.approx(0.6) and losses[:3] == [4.0, 10.0, 6.0]
+    table.update({0.8: 3.0, 0.6: 2.0})  # falling all the way: each against the max above it (4.0)
+    assert dip_search.dip_profile(None, torch.zeros(1), [1.0, 0.8, 0.6], 1, 1, None)[:2] == (0.6, 0.5)
 
 
 CANVAS_ONLY = settings_for("fast", patch_search=False, narrow_search=False)
@@ -116,7 +163,7 @@ def test_centred_start_is_the_paper_draw_without_its_offset():
     after the start is drawn alike) and says so in the result."""
     den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
     still = settings_for("fast", stage1_iterations=0, stage2_iterations=0, patch_search=False, narrow_search=False,
-                         canvas_search=False)
+                         canvas_search=False, dip_search=False)
     paper = reverse_trigger(den, still, seed=4)
     centred = reverse_trigger(den, still.override(centred_start=True), seed=4)
     assert float(paper.r.max()) <= 0.0 and float(paper.r.min()) >= -1.0
@@ -187,7 +234,7 @@ def test_patch_search_on_a_benign_model_seeds_nothing():
     den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
     before = den.evaluations
     res = reverse_trigger(den, settings_for("fast", stage1_iterations=5, stage2_iterations=1, narrow_search=False,
-                                            canvas_search=False), seed=0)
+                                            canvas_search=False, dip_search=False), seed=0)
     assert res.search["seeded_run"] is False and res.search["ratio"] >= BASIN_RATIO
     assert res.start.startswith("paper") and len(res.search["runs"]) == 1
     searched = res.search["candidates"] * 2 * 2 * FAST.patch_pairs  # 2 amplitudes x a pair per noise
@@ -292,7 +339,8 @@ def test_a_kept_held_sweep_replaces_a_narrow_run_that_spread_back(monkeypatch):
     import terd_scan.reversion as reversion
     r_true = 0.2 * corner_target() + 0.2
     den = DDPMDenoiser(AnalyticTrojDiffUNet(r_true, box_trigger(), gamma=0.6), SCHEDULE)
-    settings = FAST.override(stage1_iterations=3, stage2_iterations=1, narrow_refine_iterations=2, patch_search=False)
+    settings = FAST.override(stage1_iterations=3, stage2_iterations=1, narrow_refine_iterations=2, patch_search=False,
+                             dip_search=False)  # its dip at gamma 0.6 would seed a third run after a failed sweep
     for sweep_ratio, kept in ((0.1, True), (0.95, False)):
         ratios = iter([0.95, sweep_ratio])  # the learned run's end test, then the sweep's
         monkeypatch.setattr(reversion, "narrow_ratio", lambda *a, **k: next(ratios))
