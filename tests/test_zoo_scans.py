@@ -151,6 +151,35 @@ class TestTrojDiffMixedPalette:
         assert float(torch.nn.functional.cosine_similarity(run.r.flatten(), true_r.flatten(), dim=0)) > 0.85
 
 
+class TestTrojDiffFaint:
+    """TrojDiff's blend scaled toward N(0, I) (trojdiff-blend-eta0.1: r = 0.04 x the picture, gamma 0.6),
+    missed before the dip search: the loss at r = 0 dips at gamma 0.6, the run held there keeps the dip, and
+    its KL (the narrowed noise's, ~0.19 per dimension) is far over the fast threshold. The dip search alone,
+    as a scan runs it (its own generator), not a whole scan, to keep CI short."""
+
+    def test_dip_search_finds_the_narrowed_noise(self):
+        from terd_scan.denoisers import make_denoiser
+        from terd_scan.detection import kl_features
+        from terd_scan.dip_search import DIP_KEEP_RATIO, search_dip_seed
+        from terd_scan.presets import settings_for
+        from terd_scan.reference import shipped_reference
+        from terd_scan.reversion import DIP_SEED_OFFSET, _dip_at, _dip_run
+        from terd_scan.scan import ScanOptions, load_source
+
+        fast = settings_for("fast")
+        den = make_denoiser(load_source(str(ZOO / "trojdiff-blend-eta0.1"), ScanOptions(device="cpu")), "cpu")
+        gen = torch.Generator().manual_seed(0 + DIP_SEED_OFFSET)  # the dip search's generator, scan seed 0
+        screen = search_dip_seed(den, fast.dip_gammas, fast.dip_pairs, fast.timestep_window, gen)
+        assert screen.has_basin and screen.gamma == 0.6, screen.summary()
+        run = _dip_run(den, fast, screen.gamma, gen, None)
+        assert _dip_at(den, fast, run, gen) < DIP_KEEP_RATIO
+        features = kl_features(run.r, run.gamma)
+        assert features.mean_kl > 5 * shipped_reference("fast").thresholds()["mean_kl"]
+        benign = make_denoiser(load_source(str(ZOO / "benign-a"), ScanOptions(device="cpu")), "cpu")
+        assert not search_dip_seed(benign, fast.dip_gammas, fast.dip_pairs, fast.timestep_window,
+                                   torch.Generator().manual_seed(0 + DIP_SEED_OFFSET)).has_basin
+
+
 class TestVillanDiffusion(BackdooredZooModel):
     name = "villan-box-corner"
 
@@ -161,7 +190,7 @@ class TestBenignCalibration(ZooModel):
     def test_no_search_seeds_a_run(self, scans):
         """On a benign model no search finds a basin: the paper's run is the only run and the result."""
         _, report, _ = scans(self.name)
-        for search in ("patch_search", "narrow_search", "canvas_search"):
+        for search in ("patch_search", "narrow_search", "canvas_search", "dip_search"):
             assert report[search]["seeded_run"] is False, search
         assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
