@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=99)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    gammas = ReversionSettings().dip_gammas
-    print(f"pair loss at r = 0, {args.pairs} pairs, t in the last 10 steps; gammas {', '.join(f'{g:g}' for g in gammas)}")
+    settings = ReversionSettings()
+    gammas, window = settings.dip_gammas, settings.timestep_window
+    print(f"pair loss at r = 0, {args.pairs} pairs, t in the last {window} steps; gammas {', '.join(f'{g:g}' for g in gammas)}")
     for folder in (Path(m) for m in args.models):
         if not folder.is_dir():
             continue
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{folder.name:36s} skipped: consistency model (no verdict)")
             continue
         zero = torch.zeros(tuple(denoiser.input_shape))
-        gamma, ratio, losses = dip_profile(denoiser, zero, gammas, args.pairs, 10, torch.Generator().manual_seed(args.seed))
+        gamma, ratio, losses = dip_profile(denoiser, zero, gammas, args.pairs, window, torch.Generator().manual_seed(args.seed))
         flag = "  <- seeds a run" if ratio < DIP_SEED_RATIO else ""
         print(f"{folder.name:36s} " + " ".join(f"{v:7.2f}" for v in losses) + f" | dip {ratio:.2f} at {gamma:g}{flag}")
 

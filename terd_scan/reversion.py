@@ -124,32 +124,27 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
             refine_seconds = time.perf_counter() - t0
     # a kept narrow run from a seeded screen is the result whatever a canvas run gives, so none is made then
     narrow_won = narrow is not None and narrow["kept"] and narrow["seeded_run"]
-    dip = None
-    dip_index = None
+    dip = dip_index = None
     dip_seconds = 0.0
-    if s.dip_search:
+    if s.dip_search:  # the loss dips at a narrowed gamma; kept if it still dips at the run's end point
         dip_gen = torch.Generator(device=device).manual_seed(seed + DIP_SEED_OFFSET)
-        found, dip_seconds = _timed("dip search", progress, lambda: search_dip_seed(
-            denoiser, s.dip_gammas, s.dip_pairs, s.timestep_window, dip_gen))
-        dip = {**found.summary(), "seeded_run": found.has_basin and not narrow_won, "end_ratio": None, "kept": False}
-        if dip["seeded_run"]:  # the loss dips at a narrowed gamma; kept if it still dips at the run's end point
-            dip_index = _tested_run(runs, dip, DIP_KEEP_RATIO, lambda: _dip_run(denoiser, s, found.gamma, dip_gen, progress),
-                                    lambda run: _dip_at(denoiser, s, run, dip_gen))
+        dip, dip_index, dip_seconds = _screened_run(
+            runs, "dip search", progress, lambda: search_dip_seed(denoiser, s.dip_gammas, s.dip_pairs, s.timestep_window,
+                                                                  dip_gen),
+            narrow_won, DIP_KEEP_RATIO, lambda found: _dip_run(denoiser, s, found.gamma, dip_gen, progress),
+            lambda run: _dip_at(denoiser, s, run, dip_gen))
     dip_won = dip is not None and dip["kept"]
-    canvas = None
-    canvas_index = None
+    canvas = canvas_index = None
     canvas_seconds = 0.0
-    if s.canvas_search:
+    if s.canvas_search:  # the loss falls toward the canvas; kept if it still falls toward the end point
         canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
-        found, canvas_seconds = _timed("canvas search", progress, lambda: search_canvas_seed(
-            denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen))
-        canvas = {**found.summary(), "basin": found.has_basin, "seeded_run": found.has_basin and not (narrow_won or dip_won),
-                  "end_ratio": None, "kept": False}
-        if canvas["seeded_run"]:  # the loss falls toward the canvas; kept if it still falls toward the end point
-            canvas_index = _tested_run(runs, canvas, CANVAS_KEEP_RATIO, lambda: _two_stage_run(
-                denoiser, s, found.r.to(device), canvas_gen, progress, f"canvas seed {canvas['offset']}",
-                " (canvas seed)"), lambda run: canvas_ratio(
-                denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen))
+        canvas, canvas_index, canvas_seconds = _screened_run(
+            runs, "canvas search", progress, lambda: search_canvas_seed(
+                denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen),
+            narrow_won or dip_won, CANVAS_KEEP_RATIO, lambda found: _two_stage_run(
+                denoiser, s, found.r.to(device), canvas_gen, progress, f"canvas seed {found.offset()}", " (canvas seed)"),
+            lambda run: canvas_ratio(denoiser, run.r, s.canvas_pairs, s.timestep_window, canvas_gen),
+            report_basin=True)
     for run in runs:
         if not (torch.isfinite(run.r).all() and torch.isfinite(run.gamma).all()):
             raise FloatingPointError("trigger reversion diverged (NaN/Inf); try a smaller --lr")
@@ -187,6 +182,18 @@ def _tested_run(runs: list, outcome: dict, keep_below: float, run: Callable[[], 
     outcome.update(end_ratio=round(end_ratio, 4), kept=end_ratio < keep_below)
     runs.append(done)
     return len(runs) - 1
+
+
+def _screened_run(runs: list, name: str, progress: Progress | None, screen: Callable, moot: bool, keep_below: float,
+                  run: Callable, end_test: Callable[["_Run"], float], report_basin: bool = False):
+    """A global search: its screen (timed), and, when it seeds a run and no earlier kept run made one
+    moot, that run and its end test (_tested_run). (The outcome dict for the report, the run's index or
+    None, the screen's seconds.) report_basin adds whether the screen found one even when moot."""
+    found, seconds = _timed(name, progress, screen)
+    outcome = {**found.summary(), **({"basin": found.has_basin} if report_basin else {}),
+               "seeded_run": found.has_basin and not moot, "end_ratio": None, "kept": False}
+    index = _tested_run(runs, outcome, keep_below, lambda: run(found), end_test) if outcome["seeded_run"] else None
+    return outcome, index, seconds
 
 
 def _timed(name: str, progress: Progress | None, search: Callable):
