@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from terd_scan.denoisers import make_denoiser
-from terd_scan.dip_search import search_dip_seed
+from terd_scan.dip_search import dip_screen
 from terd_scan.input_detection import detection_rates
 from terd_scan.presets import ReversionSettings, settings_for
-from terd_scan.reversion import DIP_SEED_OFFSET
+from terd_scan.reversion import DIP_SEED_OFFSET, search_generator
 from terd_scan.scan import ScanOptions, load_source, reverse_model, weights_fingerprint
 from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
@@ -80,8 +80,7 @@ def _carried_over(model_dir: Path, preset: str, seed: int, overrides: dict) -> d
     if not before.is_file():
         return None
     denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
-    gen = torch.Generator().manual_seed(seed + DIP_SEED_OFFSET)
-    screen = search_dip_seed(denoiser, settings.dip_gammas, settings.dip_pairs, settings.timestep_window, gen)
+    screen = dip_screen(denoiser, settings, search_generator(seed, DIP_SEED_OFFSET))
     if screen.has_basin:
         return None
     row = json.loads(before.read_text())

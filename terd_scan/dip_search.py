@@ -62,6 +62,12 @@ def dip_profile(denoiser, r: torch.Tensor, gammas, pairs: int, window: int,
     return best_gamma, best_ratio, [round(v, 4) for v in losses]
 
 
+def dip_screen(denoiser, settings, generator: torch.Generator) -> DipSeed:
+    """The screen with a scan's settings (its dip grid, pairs and timestep window); the generator is the
+    scan's dip generator (reversion.search_generator(seed, DIP_SEED_OFFSET)) to see what a scan sees."""
+    return search_dip_seed(denoiser, settings.dip_gammas, settings.dip_pairs, settings.timestep_window, generator)
+
+
 def search_dip_seed(denoiser, gammas, pairs: int, window: int, generator: torch.Generator) -> DipSeed:
     """The screen at r = 0 (see the module docstring)."""
     start = denoiser.evaluations

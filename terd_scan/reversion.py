@@ -13,7 +13,7 @@ import torch
 
 from .canvas_search import CANVAS_KEEP_RATIO, canvas_ratio, search_canvas_seed
 from .detection import kl_features
-from .dip_search import DIP_KEEP_RATIO, dip_profile, search_dip_seed
+from .dip_search import DIP_KEEP_RATIO, dip_profile, dip_screen
 from .narrow_search import KEEP_RATIO, narrow_ratio, search_narrow_seed
 from .pair_loss import common_pairs, pair_loss, pair_losses
 from .patch_search import search_patch_seed
@@ -22,6 +22,12 @@ from .presets import ReversionSettings
 # Each search draws from its own generator, seeded at the scan's seed plus an offset, so adding or
 # switching off one search leaves the others' draws (and their cached results) unchanged.
 PATCH_SEED_OFFSET, NARROW_SEED_OFFSET, CANVAS_SEED_OFFSET, DIP_SEED_OFFSET = 1_000_003, 2_000_003, 3_000_003, 4_000_003
+
+
+def search_generator(seed: int, offset: int, device="cpu") -> torch.Generator:
+    """The generator a search draws from in a scan at `seed` (its offset above); benchmarks and tests that
+    replay one search take it from here to see what the scan sees."""
+    return torch.Generator(device=device).manual_seed(seed + offset)
 
 
 @dataclass
@@ -83,7 +89,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     search = None
     search_seconds = 0.0
     if s.patch_search:
-        seed_gen = torch.Generator(device=device).manual_seed(seed + PATCH_SEED_OFFSET)
+        seed_gen = search_generator(seed, PATCH_SEED_OFFSET, device)
         found, search_seconds = _timed("patch search", progress, lambda: search_patch_seed(
             denoiser, s.patch_size, s.patch_amplitude, s.patch_pairs, s.timestep_window, seed_gen))
         search = {**found.summary(), "seeded_run": found.has_basin}
@@ -94,7 +100,7 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     narrow_index = None
     narrow_seconds = refine_seconds = 0.0
     if s.narrow_search:
-        narrow_gen = torch.Generator(device=device).manual_seed(seed + NARROW_SEED_OFFSET)
+        narrow_gen = search_generator(seed, NARROW_SEED_OFFSET, device)
         probe, narrow_seconds = _timed("narrow-noise search", progress, lambda: search_narrow_seed(
             denoiser, s.narrow_gammas, s.narrow_amplitudes, s.narrow_pairs, s.timestep_window, narrow_gen))
         narrow = {**probe.summary(), "seeded_run": probe.has_basin, "end_ratio": None, "kept": False}
@@ -127,17 +133,16 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     dip = dip_index = None
     dip_seconds = 0.0
     if s.dip_search:  # the loss dips at a narrowed gamma; kept if it still dips at the run's end point
-        dip_gen = torch.Generator(device=device).manual_seed(seed + DIP_SEED_OFFSET)
+        dip_gen = search_generator(seed, DIP_SEED_OFFSET, device)
         dip, dip_index, dip_seconds = _screened_run(
-            runs, "dip search", progress, lambda: search_dip_seed(denoiser, s.dip_gammas, s.dip_pairs, s.timestep_window,
-                                                                  dip_gen),
+            runs, "dip search", progress, lambda: dip_screen(denoiser, s, dip_gen),
             narrow_won, DIP_KEEP_RATIO, lambda found: _dip_run(denoiser, s, found.gamma, dip_gen, progress),
             lambda run: _dip_at(denoiser, s, run, dip_gen))
     dip_won = dip is not None and dip["kept"]
     canvas = canvas_index = None
     canvas_seconds = 0.0
     if s.canvas_search:  # the loss falls toward the canvas; kept if it still falls toward the end point
-        canvas_gen = torch.Generator(device=device).manual_seed(seed + CANVAS_SEED_OFFSET)
+        canvas_gen = search_generator(seed, CANVAS_SEED_OFFSET, device)
         canvas, canvas_index, canvas_seconds = _screened_run(
             runs, "canvas search", progress, lambda: search_canvas_seed(
                 denoiser, s.canvas_amplitudes, s.canvas_pairs, s.timestep_window, canvas_gen),

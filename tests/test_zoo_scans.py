@@ -135,13 +135,13 @@ class TestTrojDiffMixedPalette:
         from terd_scan.denoisers import make_denoiser
         from terd_scan.narrow_search import search_narrow_seed
         from terd_scan.presets import settings_for
-        from terd_scan.reversion import NARROW_SEED_OFFSET, _held_gamma_sweep
+        from terd_scan.reversion import NARROW_SEED_OFFSET, _held_gamma_sweep, search_generator
         from terd_scan.scan import ScanOptions, load_source
 
         model = ZOO / name
         fast = settings_for("fast")
         den = make_denoiser(load_source(str(model), ScanOptions(preset="fast", device="cpu")), "cpu")
-        gen = torch.Generator().manual_seed(0 + NARROW_SEED_OFFSET)  # the narrow search's generator, scan seed 0
+        gen = search_generator(0, NARROW_SEED_OFFSET)  # the narrow search's generator, scan seed 0
         probe = search_narrow_seed(den, fast.narrow_gammas, fast.narrow_amplitudes, fast.narrow_pairs,
                                    fast.timestep_window, gen)
         assert probe.has_basin is seeded, probe.summary()
@@ -160,24 +160,23 @@ class TestTrojDiffFaint:
     def test_dip_search_finds_the_narrowed_noise(self):
         from terd_scan.denoisers import make_denoiser
         from terd_scan.detection import kl_features
-        from terd_scan.dip_search import DIP_KEEP_RATIO, search_dip_seed
+        from terd_scan.dip_search import DIP_KEEP_RATIO, dip_screen
         from terd_scan.presets import settings_for
         from terd_scan.reference import shipped_reference
-        from terd_scan.reversion import DIP_SEED_OFFSET, _dip_at, _dip_run
+        from terd_scan.reversion import DIP_SEED_OFFSET, _dip_at, _dip_run, search_generator
         from terd_scan.scan import ScanOptions, load_source
 
         fast = settings_for("fast")
         den = make_denoiser(load_source(str(ZOO / "trojdiff-blend-eta0.1"), ScanOptions(device="cpu")), "cpu")
-        gen = torch.Generator().manual_seed(0 + DIP_SEED_OFFSET)  # the dip search's generator, scan seed 0
-        screen = search_dip_seed(den, fast.dip_gammas, fast.dip_pairs, fast.timestep_window, gen)
+        gen = search_generator(0, DIP_SEED_OFFSET)  # the dip search's generator, scan seed 0
+        screen = dip_screen(den, fast, gen)
         assert screen.has_basin and screen.gamma == 0.6, screen.summary()
         run = _dip_run(den, fast, screen.gamma, gen, None)
         assert _dip_at(den, fast, run, gen) < DIP_KEEP_RATIO
         features = kl_features(run.r, run.gamma)
         assert features.mean_kl > 5 * shipped_reference("fast").thresholds()["mean_kl"]
         benign = make_denoiser(load_source(str(ZOO / "benign-a"), ScanOptions(device="cpu")), "cpu")
-        assert not search_dip_seed(benign, fast.dip_gammas, fast.dip_pairs, fast.timestep_window,
-                                   torch.Generator().manual_seed(0 + DIP_SEED_OFFSET)).has_basin
+        assert not dip_screen(benign, fast, search_generator(0, DIP_SEED_OFFSET)).has_basin
 
 
 class TestVillanDiffusion(BackdooredZooModel):
