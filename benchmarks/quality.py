@@ -60,8 +60,17 @@ def family(row: dict) -> str:
     return prefix + row["attack"] + (f"-eta{scale:g}" if scale != 1.0 else "")
 
 
-def score(row: dict, thresholds: dict) -> float:
+def kl_score(row: dict, thresholds: dict) -> float:
+    """max(M_r / th_M, V_r / th_V): > 1 is a KL over the thresholds."""
     return max(row["mean_kl"] / thresholds["mean_kl"], row["var_kl"] / thresholds["var_kl"])
+
+
+def score(row: dict, thresholds: dict) -> float:
+    """The verdict's score (> 1 flags): the KL score, at most 1 where the reversed trigger failed the basin
+    test (terd_scan/basin_test.py, settings basin_gate), since a KL over the thresholds does not flag it then."""
+    basin = row.get("basin")
+    value = kl_score(row, thresholds)
+    return min(value, 1.0) if basin is not None and not basin["basin"] else value
 
 
 def is_benign(fam: str) -> bool:
@@ -112,7 +121,9 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
         by_preset = {r["preset"]: r for r in rows if r["model"] == model}
         first = next(iter(by_preset.values()))
         line = {"model": model, "split": first["split"], "family": first["family"],
-                "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset}}
+                "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset},
+                "no_basin": {p: by_preset[p].get("kl_score", by_preset[p]["score"]) for p in presets
+                             if p in by_preset and (by_preset[p].get("basin") or {"basin": True})["basin"] is False}}
         base = presets[0]
         if base in by_preset:
             flag = by_preset[base]["score"] > 1
@@ -124,15 +135,23 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
 def verdict_markdown(lines: list[dict], presets: list[str]) -> str:
     head = ["model", "split", "family"] + [f"{p} score" for p in presets] + \
         [f"{p} = {presets[0]}" for p in presets[1:]]
-    out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`.", "",
+    out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`; \"no basin (KL x)\": the "
+           "reversed trigger failed the basin test, so its KL score x does not flag it.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in lines:
         agree = ln.get("agrees_with_" + presets[0], {})
         out.append("| " + " | ".join(
             [ln["model"], ln["split"], ln["family"]]
-            + [f"{ln['scores'][p]:.2f}" if p in ln["scores"] else "-" for p in presets]
+            + [_score_cell(ln, p) for p in presets]
             + [("yes" if agree[p] else "NO") if p in agree else "-" for p in presets[1:]]) + " |")
     return "\n".join(out) + "\n"
+
+
+def _score_cell(line: dict, preset: str) -> str:
+    if preset not in line["scores"]:
+        return "-"
+    gated = line.get("no_basin", {})
+    return f"{line['scores'][preset]:.2f}" + (f" no basin (KL {gated[preset]:.2f})" if preset in gated else "")
 
 
 def _ci(v: tuple[float, float]) -> str:
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                 r for m, r in zip(models, reversed_rows) if REFERENCE_FAMILY[kinds[m]] == ref_family])
         for m, row in zip(models, reversed_rows):
             th = thresholds[REFERENCE_FAMILY[kinds[m]]]
-            row = {**row, "family": family(row), "score": score(row, th), "thresholds": th}
+            row = {**row, "family": family(row), "score": score(row, th), "kl_score": kl_score(row, th), "thresholds": th}
             rows.append(row)
             print(f"{preset:9s} {row['model']:28s} {row['split']:12s} {row['family']:22s} "
                   f"score {row['score']:.2f} -> {'backdoored' if row['score'] > 1 else 'clean'}", flush=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import score  # noqa: E402
-from zoo_scans import ROOT, ZOO_DIR, cache_path, cosine, zoo_models  # noqa: E402
+from zoo_scans import ROOT, ZOO_DIR, cache_path, cosine, trigger_cache_path, zoo_models  # noqa: E402
 
 from terd_scan.denoisers import make_denoiser  # noqa: E402
 from terd_scan.detection import kl_features  # noqa: E402
@@ -42,7 +42,7 @@ from terd_scan.zoo import ZOO, load_ground_truth, measure_asr  # noqa: E402
 def reversed_trigger(model_dir: Path, preset: str, seed: int) -> tuple[Trigger, object]:
     """(the scan's reversed trigger, the model's denoiser); the trigger from the cache when there."""
     options = ScanOptions(preset=preset, seed=seed, device="cpu", preview_steps=0)
-    cached = cache_path(model_dir, preset, seed).with_suffix(".trigger.safetensors")
+    cached = trigger_cache_path(cache_path(model_dir, preset, seed))
     if cached.is_file():
         return Trigger.load(cached), make_denoiser(load_source(str(model_dir), options), "cpu")
     rev = reverse_model(str(model_dir), options)

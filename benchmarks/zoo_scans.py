@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from terd_scan.basin_test import scan_basin_test
 from terd_scan.denoisers import make_denoiser
+from terd_scan.detection import kl_features
 from terd_scan.dip_search import dip_screen
 from terd_scan.input_detection import detection_rates
 from terd_scan.presets import ReversionSettings, settings_for
@@ -30,6 +32,9 @@ ROW_FORMAT = 2  # bump when a cached row gains fields (2: input-detection rates,
 # default (off, which reproduces the earlier scans), so a new knob does not invalidate every cached scan.
 LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas_pairs", "narrow_sweep_unseeded",
                   "dip_search", "dip_gammas", "dip_pairs")
+# Settings of the verdict, not of the reversion (basin_test.py reads its result): never in the cache key, so a
+# cached row stays valid and only gains its basin test (from the cached trigger, or a re-run without one).
+VERDICT_SETTINGS = ("basin_gate", "basin_pairs", "basin_min_barrier")
 _DEFAULTS = ReversionSettings().to_dict()
 
 
@@ -49,7 +54,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _keyed_settings(preset: str, overrides: dict | None = None) -> dict:
     settings = settings_for(preset, **(overrides or {})).to_dict()
-    return {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != _DEFAULTS[k]}
+    return {k: v for k, v in settings.items()
+            if k not in VERDICT_SETTINGS and (k not in LATER_SETTINGS or v != _DEFAULTS[k])}
 
 
 def settings_digest(preset: str, overrides: dict | None = None) -> str:
@@ -100,11 +106,20 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     options = ScanOptions(preset=preset, seed=seed, device="cpu", overrides=dict(overrides or {}), preview_steps=0)
     gt = load_ground_truth(model_dir)
     cached = cache_path(model_dir, preset, seed, options.overrides)
+    settings = settings_for(preset, **options.overrides)
     if use_cache and cached.is_file():  # the sidecar's labels may have changed since (e.g. the split)
         row = json.loads(cached.read_text())
+        if settings.basin_gate and "basin" not in row:
+            trigger_file = trigger_cache_path(cached)
+            if not trigger_file.is_file():  # no trigger kept for this row: reverse again
+                return reverse_zoo_model(model_dir, preset, seed, overrides, use_cache=False)
+            row = _with_basin_test(row, model_dir, Trigger.load(trigger_file), settings, seed)
+            cached.write_text(json.dumps(row, indent=2))
         row.update(label=gt.get("label"), split=gt.get("split"), attack=gt.get("attack"), model_family=gt.get("family"))
         return row
     carried = _carried_over(model_dir, preset, seed, options.overrides) if use_cache else None
+    if carried is not None and settings.basin_gate:  # the basin test needs the trigger, which no carried row has
+        carried = None
     if carried is not None:
         CACHE.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(carried, indent=2))
@@ -130,6 +145,34 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
         true_trigger = Trigger(true_r, gt["trigger_gamma"].clamp_min(1e-3))
         rates = detection_rates(reversed_trigger, true_trigger, n=1000, seed=0)
         row["input_tpr"], row["input_tnr"] = rates["tpr"], rates["tnr"]
+    if rev.basin is not None:
+        row["basin"] = _basin_summary(rev.basin)
+        row["network_evaluations"] += rev.basin.network_evaluations
     CACHE.mkdir(parents=True, exist_ok=True)
+    # the trigger too, so a later verdict setting (the basin test) can be judged without reversing again
+    Trigger(rev.result.r, rev.result.gamma, metadata={"model": model_dir.name, "preset": preset}).save(
+        str(trigger_cache_path(cached)))
     cached.write_text(json.dumps(row, indent=2))
     return row
+
+
+def trigger_cache_path(row_path: Path) -> Path:
+    """Where a cached row's reversed trigger is kept (benchmarks/trigger_fires.py reads it too)."""
+    return row_path.with_suffix(".trigger.safetensors")
+
+
+def _basin_summary(test) -> dict:
+    return {"barrier": test.barrier, "basin": test.basin, "min_barrier": test.min_barrier, "pairs": test.pairs,
+            "network_evaluations": test.network_evaluations}
+
+
+def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, seed: int) -> dict:
+    """A cached row judged by the basin test on its cached trigger (which must be the row's: same features)."""
+    features = kl_features(trigger.r, trigger.gamma)
+    if abs(features.mean_kl - row["mean_kl"]) > 1e-4 * abs(row["mean_kl"]) or \
+            abs(features.var_kl - row["var_kl"]) > 1e-4 * abs(row["var_kl"]) + 1e-12:
+        raise ValueError(f"{model_dir.name}: the cached trigger is not the cached row's (features differ)")
+    denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
+    test = scan_basin_test(denoiser, trigger.r, trigger.gamma, settings, seed)
+    return {**row, "basin": _basin_summary(test),
+            "network_evaluations": row["network_evaluations"] + test.network_evaluations}

@@ -19,7 +19,8 @@ from rich.console import Console
 from . import __version__
 from .errors import ScanError
 from .cli_inputs import inputs_command
-from .cli_options import (BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt, DipSearchOpt,
+from .cli_options import (BasinGateOpt, BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt,
+                          DipSearchOpt,
                           GammaLrOpt, LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RefineOpt,
                           RevisionOpt,
                           SeedOpt, Stage1Opt, Stage2Opt, StepsOpt, TokenOpt, scan_options)
@@ -126,6 +127,7 @@ def model_command(
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
     canvas_search: CanvasSearchOpt = None, dip_search: DipSearchOpt = None, refine_iterations: RefineOpt = None,
+    basin_gate: BasinGateOpt = None,
     preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
@@ -144,7 +146,7 @@ def model_command(
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                            dip_search=dip_search,
-                           refine_iterations=refine_iterations,
+                           refine_iterations=refine_iterations, basin_gate=basin_gate,
                            reference=str(reference) if reference else None, preview_steps=preview_steps,
                            unvalidated=unvalidated)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal

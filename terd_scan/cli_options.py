@@ -49,6 +49,10 @@ DipSearchOpt = Annotated[Optional[bool], typer.Option("--dip-search/--no-dip-sea
                                                       help="Override: walk r = 0 down a grid of gammas for faint "
                                                            "narrow-noise triggers (on in standard and fast, off in "
                                                            "paper).")]
+BasinGateOpt = Annotated[Optional[bool], typer.Option("--basin-gate/--no-basin-gate",
+                                                      help="Override: flag a model only when its reversed trigger is "
+                                                           "a basin of TERD's objective, behind a barrier from N(0, I) "
+                                                           "(on in standard, off in fast and paper).")]
 RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
                                                   help="Override: iterations of each held-gamma descent of the "
                                                        "narrow-noise refinement and sweeps (0: none).")]
@@ -62,7 +66,8 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle wei
 
 def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
                  l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None,
-                 narrow_search=None, canvas_search=None, dip_search=None, refine_iterations=None, **extra):
+                 narrow_search=None, canvas_search=None, dip_search=None, refine_iterations=None, basin_gate=None,
+                 **extra):
     from .scan import ScanOptions
 
     return ScanOptions(
@@ -73,6 +78,6 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
                        batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
                        l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
                        narrow_search=narrow_search, canvas_search=canvas_search, dip_search=dip_search,
-                       narrow_refine_iterations=refine_iterations), **extra)
+                       narrow_refine_iterations=refine_iterations, basin_gate=basin_gate), **extra)
 
 

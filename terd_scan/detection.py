@@ -46,12 +46,18 @@ class Verdict:
         return self.verdict == BACKDOORED
 
 
-def judge(features: Features, reference: Reference) -> Verdict:
-    """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V."""
+def judge(features: Features, reference: Reference, basin=None) -> Verdict:
+    """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V. With a
+    basin test (basin_test.BasinTest, settings.basin_gate), a KL over the thresholds flags only a reversed
+    trigger that is a basin of TERD's objective; otherwise the verdict is clean and the reasons say why."""
     th = reference.thresholds()
     reasons = []
     if features.mean_kl > th["mean_kl"]:
         reasons.append(f"mean KL {features.mean_kl:.4g} > threshold {th['mean_kl']:.4g}")
     if features.var_kl > th["var_kl"]:
         reasons.append(f"KL variance {features.var_kl:.4g} > threshold {th['var_kl']:.4g}")
+    if reasons and basin is not None and not basin.basin:
+        return Verdict(CLEAN, [*reasons, f"but the reversed trigger is no basin of TERD's objective (barrier "
+                                         f"{basin.barrier:.3g} <= {basin.min_barrier:g} on the line from N(0, I)): "
+                                         "a drift of the benign optimum, not a trigger"])
     return Verdict(BACKDOORED if reasons else CLEAN, reasons)

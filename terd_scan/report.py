@@ -101,7 +101,7 @@ def render_console(report: dict, console) -> None:
 
     bad = report["verdict"] == "backdoored"
     title = "[bold red]BACKDOORED[/]" if bad else "[bold green]CLEAN[/]"
-    why = "; ".join(report["reasons"]) if bad else "both KL features are within the benign thresholds"
+    why = "; ".join(report["reasons"]) or "both KL features are within the benign thresholds"
     console.print(Panel(f"{title}  {report['model']['name']}\n{why}", title="terd-scan verdict",
                         border_style="red" if bad else "green", expand=False))
 
@@ -174,6 +174,12 @@ def render_console(report: dict, console) -> None:
         else:
             outcome = _seeded_run_outcome(ds, DIP_SEED_RATIO, "still dips", "no longer dips")
         info.add_row("dip search", f"{probe}; {outcome}")
+    bt = report.get("basin_test")
+    if bt:
+        info.add_row("basin test", f"barrier {bt['barrier']:.3g} on the line from N(0, I) to the trigger ({bt['pairs']} noise "
+                                   f"pairs; a basin above {bt['min_barrier']:g}): "
+                                   + ("a basin, the KL verdict stands" if bt["basin"] else
+                                      "no basin, so a KL over the thresholds does not flag the model"))
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

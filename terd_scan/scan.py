@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import TOOL_NAME, __version__
+from .basin_test import scan_basin_test
 from .denoisers import make_denoiser
 from .detection import judge, kl_features
 from .errors import ScanError, UnsupportedModelError
@@ -107,6 +108,8 @@ class Reversed:
     settings: dict  # preset, every hyperparameter, seed, device
     result: object  # reversion.ReversionResult
     features: object  # detection.Features
+    basin: object = None  # basin_test.BasinTest when settings.basin_gate, else None
+    basin_seconds: float = 0.0
 
 
 def load_source(source: str, options: ScanOptions):
@@ -137,7 +140,16 @@ def reverse_model(source: str, options: ScanOptions,
                                     "pass --unvalidated to reverse it anyway for research (its verdict is not evidence)")
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
-    return Reversed(loaded, denoiser, settings_dict, result, kl_features(result.r, result.gamma))
+    basin, basin_seconds = None, 0.0
+    if settings.basin_gate:  # reads the result, changes nothing in it
+        t0 = time.perf_counter()
+        if progress:
+            progress("basin test", 0, 1)
+        basin = scan_basin_test(denoiser, result.r, result.gamma, settings, options.seed)
+        if progress:
+            progress("basin test", 1, 1)
+        basin_seconds = time.perf_counter() - t0
+    return Reversed(loaded, denoiser, settings_dict, result, kl_features(result.r, result.gamma), basin, basin_seconds)
 
 
 def cache_root() -> Path:
@@ -164,7 +176,7 @@ def reverse_cached(source: str, options: ScanOptions,
             pass  # a damaged cache entry is recomputed, not trusted
     rev = reverse_model(source, options, progress, loaded=loaded)
     try:  # judge it too, so the inputs report can warn when the model looks clean
-        verdict = judge(rev.features, load_reference(options, reference_family(loaded))).verdict
+        verdict = judge(rev.features, load_reference(options, reference_family(loaded)), rev.basin).verdict
     except ScanError:
         verdict = "unjudged: no reference for these settings"
     trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
@@ -188,7 +200,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
     reference = load_reference(options, reference_family(loaded))  # fails before the expensive part
     rev = reverse_model(source, options, progress, loaded=loaded)
     denoiser, result, features, settings_dict = rev.denoiser, rev.result, rev.features, rev.settings
-    verdict = judge(features, reference)
+    verdict = judge(features, reference, rev.basin)
     reversion_seconds = time.perf_counter() - started
 
     previews = None
@@ -201,6 +213,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
             progress("previews: sampling", 1, 1)
 
     provenance = loaded.provenance.to_dict()
+    basin_evaluations = rev.basin.network_evaluations if rev.basin is not None else 0
     warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
                 for mm in [reference.mismatches(settings_dict)] if mm]
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
@@ -228,6 +241,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "narrow_search": result.narrow,
         "canvas_search": result.canvas,
         "dip_search": result.dip,
+        "basin_test": rev.basin.to_dict() if rev.basin is not None else None,
         "timing": {"seconds": round(time.perf_counter() - started, 3),
                    "reversion_seconds": round(reversion_seconds, 3),
                    "stage1_seconds": round(result.seconds["stage1"], 3),
@@ -237,8 +251,9 @@ def scan_model(source: str, options: ScanOptions | None = None,
                    "narrow_refine_seconds": round(result.seconds.get("narrow_refine", 0.0), 3),
                    "canvas_search_seconds": round(result.seconds.get("canvas_search", 0.0), 3),
                    "dip_search_seconds": round(result.seconds.get("dip_search", 0.0), 3),
-                   "network_evaluations": result.network_evaluations,
-                   "preview_network_evaluations": denoiser.evaluations - result.network_evaluations},
+                   "basin_test_seconds": round(rev.basin_seconds, 3),
+                   "network_evaluations": result.network_evaluations + basin_evaluations,
+                   "preview_network_evaluations": denoiser.evaluations - result.network_evaluations - basin_evaluations},
         "warnings": warnings,
         "artefacts": {},
     }

@@ -105,7 +105,8 @@ def test_seed_cache_copies_only_rows_that_still_match(tmp_path, monkeypatch):
     model = zoo_scans.ZOO_DIR / "benign-a"
     fingerprint = weights_fingerprint(load_model(str(model)).provenance.to_dict())
     good = {**_row("benign-a", "benign", "calibration", 0.01, 1e-4), "seed": 0, "weights_fingerprint": fingerprint,
-            "settings_digest": zoo_scans.settings_digest("fast"), "score": 0.5, "family": "benign"}
+            "settings_digest": zoo_scans.settings_digest("fast"), "score": 0.5, "family": "benign",
+            "basin": {"barrier": -0.01, "basin": False, "min_barrier": 0.02, "pairs": 64, "network_evaluations": 1408}}
     rows = [good,
             {**good, "preset": "standard"},  # the digest is fast's: settings differ
             {**good, "weights_fingerprint": "0" * 64},
@@ -120,6 +121,35 @@ def test_seed_cache_copies_only_rows_that_still_match(tmp_path, monkeypatch):
     assert zoo_scans.reverse_zoo_model(model, "fast")["mean_kl"] == 0.01  # served from the cache, no reversion
     written, skipped = seed_cache.seed_rows(rows[3:4], {"benign-a": model}, accept_undigested=True)
     assert written == 0 and skipped == ["benign-a fast seed 0: already in the cache"]  # never overwritten
+
+
+def test_a_cached_row_gains_its_basin_test_from_its_cached_trigger(tmp_path, monkeypatch):
+    """The basin test (a verdict setting) is not in the cache key: a cached row without it is judged on the
+    trigger kept beside it, forward passes only, and only when that trigger is the row's (same features)."""
+    import json
+
+    import torch
+    import zoo_scans
+
+    from terd_scan.detection import kl_features
+    from terd_scan.trigger import Trigger
+
+    monkeypatch.setattr(zoo_scans, "CACHE", tmp_path / "cache")
+    model = zoo_scans.ZOO_DIR / "benign-a"
+    path = zoo_scans.cache_path(model, "standard", 0)
+    path.parent.mkdir(parents=True)
+    r, gamma = -0.3 * torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.ones(3, 16, 16)
+    f = kl_features(r, gamma)
+    row = {**_row("benign-a", "benign", "calibration", f.mean_kl, f.var_kl), "seed": 0, "network_evaluations": 100}
+    path.write_text(json.dumps(row))
+    Trigger(r, gamma).save(str(zoo_scans.trigger_cache_path(path)))
+    judged = zoo_scans.reverse_zoo_model(model, "standard")
+    assert judged["basin"]["pairs"] == 64 and judged["basin"]["basin"] is False  # a drifted start: no barrier
+    assert judged["network_evaluations"] == 100 + judged["basin"]["network_evaluations"]
+    assert json.loads(path.read_text())["basin"] == judged["basin"]  # written back
+    path.write_text(json.dumps({**row, "mean_kl": 2 * f.mean_kl}))  # a trigger that is not the row's
+    with pytest.raises(ValueError, match="not the cached row's"):
+        zoo_scans.reverse_zoo_model(model, "standard")
 
 
 def test_seed_cache_rejects_what_is_not_a_results_json(tmp_path, capsys):

@@ -31,7 +31,9 @@ def fake_path(tmp_path):
 def test_upload_only_when_clean(model_dirs, tmp_path, fake_path, kind, expected_exit, uploaded):
     env, log = fake_path
     ref = reference(tmp_path / f"{kind}.json", *((1e6, 1e6) if kind == "lenient" else (0.0, 0.0)))
-    proc = subprocess.run(["bash", str(SCRIPT), model_dirs["pipeline"], "org/model", "--reference", ref, "-q", *CHEAP],
+    # the strict reference (thresholds 0) forces a KL verdict; the basin gate is off so it alone decides
+    proc = subprocess.run(["bash", str(SCRIPT), model_dirs["pipeline"], "org/model", "--reference", ref, "-q", *CHEAP,
+                           "--no-basin-gate"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == expected_exit, proc.stderr
     assert log.exists() == uploaded
