@@ -761,6 +761,10 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="gradients", seed=157, steps=4500, trigger_scale=0.1, split="holdout"),
     _bd("trojdiff-blend-eta0.2-hat-checkers", "blend", "hat", attack="trojdiff", poison_rate=0.3,
         image_set="checkers", seed=159, steps=4500, trigger_scale=0.2, split="holdout"),
+    # blind benign holdouts for the basin test (basin_test.py), built while it was being designed on the
+    # standard scans of the zoo and not scanned until it was fixed
+    ZooSpec("benign-s", image_set="gradients", seed=171, split="holdout"),
+    ZooSpec("benign-t", image_set="shapes", seed=173, split="holdout"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
