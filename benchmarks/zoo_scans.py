@@ -116,6 +116,8 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
             row = _with_basin_test(row, model_dir, Trigger.load(trigger_file), settings, seed)
             cached.write_text(json.dumps(row, indent=2))
         row.update(label=gt.get("label"), split=gt.get("split"), attack=gt.get("attack"), model_family=gt.get("family"))
+        if not settings.basin_gate and "basin" in row:  # kept in the cache for a gated run, not this verdict's
+            row["network_evaluations"] -= row.pop("basin")["network_evaluations"]
         return row
     carried = _carried_over(model_dir, preset, seed, options.overrides) if use_cache else None
     if carried is not None and settings.basin_gate:  # the basin test needs the trigger, which no carried row has

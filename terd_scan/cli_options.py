@@ -52,7 +52,7 @@ DipSearchOpt = Annotated[Optional[bool], typer.Option("--dip-search/--no-dip-sea
 BasinGateOpt = Annotated[Optional[bool], typer.Option("--basin-gate/--no-basin-gate",
                                                       help="Override: flag a model only when its reversed trigger is "
                                                            "a basin of TERD's objective, behind a barrier from N(0, I) "
-                                                           "(on in standard, off in fast and paper).")]
+                                                           "(off in every preset: an experimental condition, see the README).")]
 RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
                                                   help="Override: iterations of each held-gamma descent of the "
                                                        "narrow-noise refinement and sweeps (0: none).")]
