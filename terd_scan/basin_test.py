@@ -1,4 +1,5 @@
-"""Basin test: the verdict's second condition, that the reversed trigger is a trigger at all.
+"""Basin test: an optional second condition of the verdict (settings.basin_gate, `--basin-gate`), that the
+reversed trigger is a trigger at all.
 
 TERD flags a model when the reversed N(r, gamma^2) is far from N(0, I) in KL. The KL says how far
 the descent went, not why. On every backdoored zoo model the pair loss at the true trigger is higher
@@ -16,9 +17,10 @@ point of O above the higher of its two ends, relative to the highest loss on the
     barrier = (max_{0 < s < 1} O(s) - max(O(0), O(1))) / max_s L(s)
 
 and the reversed trigger is a basin when barrier > basin_min_barrier. Measured on the `standard`
-scans of 21 zoo models before this test existed: every benign model -0.021 to -0.010 (a line that
-falls or stays flat toward the end point), the backdoored models whose trigger was found 0.15
-(baddiffusion-box-p05-corner) to 6.1 (trojdiff-blend).
+reversions of the 78 zoo models (README, "Basin test"): the 30 benign models -0.030 to -0.006, 38
+backdoored ones +0.060 to +0.87; but three found VillanDiffusion triggers (villan-box-corner-d and the two
+VE models, r cosine 0.87-0.95) are no basin on this line either (-0.089 to -0.037): their objective falls
+all the way from N(0, I), held by lambda as a benign drift is. So it is off in every preset.
 """
 
 from __future__ import annotations
