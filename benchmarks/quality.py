@@ -65,12 +65,17 @@ def kl_score(row: dict, thresholds: dict) -> float:
     return max(row["mean_kl"] / thresholds["mean_kl"], row["var_kl"] / thresholds["var_kl"])
 
 
+def no_basin(row: dict) -> bool:
+    """The row was judged by the basin test (terd_scan/basin_test.py, settings basin_gate) and failed it."""
+    basin = row.get("basin")
+    return basin is not None and not basin["basin"]
+
+
 def score(row: dict, thresholds: dict) -> float:
     """The verdict's score (> 1 flags): the KL score, at most 1 where the reversed trigger failed the basin
-    test (terd_scan/basin_test.py, settings basin_gate), since a KL over the thresholds does not flag it then."""
-    basin = row.get("basin")
+    test, since a KL over the thresholds does not flag it then."""
     value = kl_score(row, thresholds)
-    return min(value, 1.0) if basin is not None and not basin["basin"] else value
+    return min(value, 1.0) if no_basin(row) else value
 
 
 def is_benign(fam: str) -> bool:
@@ -123,7 +128,7 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
         line = {"model": model, "split": first["split"], "family": first["family"],
                 "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset},
                 "no_basin": {p: by_preset[p].get("kl_score", by_preset[p]["score"]) for p in presets
-                             if p in by_preset and (by_preset[p].get("basin") or {"basin": True})["basin"] is False}}
+                             if p in by_preset and no_basin(by_preset[p])}}
         base = presets[0]
         if base in by_preset:
             flag = by_preset[base]["score"] > 1

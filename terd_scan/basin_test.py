@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .pair_loss import common_pairs, pair_losses
+from .reversion import search_generator
 
 SCALES = tuple(k / 10 for k in range(11))
 BASIN_SEED_OFFSET = 5_000_003  # its own noise pairs, as the searches have (reversion.search_generator)
@@ -72,6 +73,6 @@ def basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, l1_weight: float,
 
 def scan_basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, settings, seed: int) -> BasinTest:
     """The test with a scan's settings and its own generator (the scan's seed + BASIN_SEED_OFFSET)."""
-    gen = torch.Generator(device=denoiser.device).manual_seed(seed + BASIN_SEED_OFFSET)
+    gen = search_generator(seed, BASIN_SEED_OFFSET, denoiser.device)
     return basin_test(denoiser, r, gamma, settings.l1_weight, settings.basin_pairs, settings.timestep_window,
                       settings.basin_min_barrier, gen)
