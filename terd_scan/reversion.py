@@ -14,8 +14,9 @@ import torch
 from .canvas_search import CANVAS_KEEP_RATIO, canvas_ratio, search_canvas_seed
 from .detection import kl_features
 from .dip_search import DIP_KEEP_RATIO, dip_profile, dip_screen
+from .memory_plan import memory_plan
 from .narrow_search import KEEP_RATIO, narrow_ratio, search_narrow_seed
-from .pair_loss import common_pairs, pair_loss, pair_losses
+from .pair_loss import common_pairs, pair_losses
 from .patch_search import search_patch_seed
 from .presets import ReversionSettings
 
@@ -43,6 +44,7 @@ class ReversionResult:
     canvas: dict | None = None  # the canvas search: its best offset and whether it seeded a run
     dip: dict | None = None  # the dip search: the loss at r = 0 along its gammas and whether it seeded a run
     runs: list[dict] = field(default_factory=list)  # every run: start, features, chosen
+    memory: dict = field(default_factory=dict)  # memory_plan.MemoryPlan of the gradient passes
 
 
 # progress(stage_name, iterations_done, iterations_total)
@@ -80,6 +82,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     s = settings
     device = denoiser.device
     start_evals = denoiser.evaluations
+    # What fits in memory; the runs below halve its micro-batch when a GPU runs out (memory_plan.py)
+    denoiser.memory_plan = memory_plan(denoiser.input_shape, s.batch_size, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     r0 = -torch.rand(denoiser.input_shape, generator=gen, device=device)  # the paper's initialisation
     start = "paper: -U[0,1)"
@@ -175,7 +179,8 @@ def reverse_trigger(denoiser, settings: ReversionSettings, seed: int = 0,
     best = runs[chosen]
     return ReversionResult(r=best.r.cpu(), gamma=best.gamma.cpu(), trace=best.trace, seconds=seconds,
                            network_evaluations=denoiser.evaluations - start_evals, search=search,
-                           start=best.start, narrow=narrow, canvas=canvas, dip=dip, runs=run_list)
+                           start=best.start, narrow=narrow, canvas=canvas, dip=dip, runs=run_list,
+                           memory=denoiser.memory_plan.to_dict())
 
 
 def _tested_run(runs: list, outcome: dict, keep_below: float, run: Callable[[], "_Run"],
@@ -364,14 +369,69 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
         with torch.no_grad():  # gamma is a standard deviation: keep it above a small floor
             gamma.clamp_(min=s.gamma_floor)
 
+    if getattr(denoiser, "memory_plan", None) is None:  # reverse_trigger sets it; a run on its own starts here
+        denoiser.memory_plan = memory_plan(shape, s.batch_size, device)
+
+    def chunked_step(opt, sched, part: Callable[[slice], torch.Tensor], clip: float | None,
+                     micro_batch: int) -> torch.Tensor:
+        """step() on the batch's mean loss, its gradient accumulated micro_batch rows at a time: part(rows)
+        is the loss of those rows summed and divided by the batch size. Returns the loss (detached)."""
+        opt.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=device)
+        for i in range(0, s.batch_size, micro_batch):
+            piece = part(slice(i, min(i + micro_batch, s.batch_size)))
+            piece.backward()
+            loss += piece.detach()
+        (-s.l1_weight * r.abs().sum()).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([r], clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            gamma.clamp_(min=s.gamma_floor)
+        return loss
+
+    def gradient_step(opt, sched, part: Callable[[slice], torch.Tensor], clip: float | None) -> torch.Tensor:
+        """One optimiser step on the batch's loss (part(rows): the loss of those rows summed over the batch
+        size): the whole batch in one pass while the denoiser's memory plan allows, else chunk by chunk. On
+        running out of device memory the plan's micro-batch is halved and the step retried with the same
+        draws (nothing was applied: the optimiser steps only after the last chunk)."""
+        while True:
+            plan = denoiser.memory_plan
+            try:
+                if plan.micro_batch >= s.batch_size and not plan.checkpointed_sampler:
+                    loss = part(slice(0, s.batch_size))  # the code the zoo and the references were measured with
+                    step(opt, sched, loss - s.l1_weight * r.abs().sum(), clip)
+                    return loss
+                return chunked_step(opt, sched, part, clip, plan.micro_batch)
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                smaller = plan.halved()
+                if smaller is None:
+                    raise
+                denoiser.memory_plan = smaller
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def pairs(e: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The noise pairs of these rows: e holds 2 * batch noises, pair k is (e[k], e[batch + k])."""
+        b = s.batch_size
+        return e if rows.stop - rows.start == b else torch.cat([e[rows], e[b + rows.start:b + rows.stop]])
+
+    def mean_over_batch(losses: torch.Tensor) -> torch.Tensor:
+        return losses.mean() if losses.shape[0] == s.batch_size else losses.sum() / s.batch_size
+
     # Stage 1, estimation: surrogate x0 ~ N(0, I) is enough near t = T, where abar ~ 0.
+    # Every draw of an iteration comes first, in the order pair_loss would make them, so a retried step
+    # (out of memory) or a split batch sees the same noises.
     t0 = time.perf_counter()
     opt, sched = optimiser(s.stage1_iterations, s.gamma_lr)
     for i in range(s.stage1_iterations):
         x0 = torch.randn((s.batch_size, *shape), generator=gen, device=device)
         t = _timesteps(*late, s.batch_size, gen, device)
-        loss = pair_loss(denoiser, x0, r, gamma, t, 1.0, gen)
-        step(opt, sched, loss - s.l1_weight * r.abs().sum(), None)
+        e = torch.randn((2 * s.batch_size, *shape), generator=gen, device=device)
+        loss = gradient_step(opt, sched, lambda rows: mean_over_batch(
+            pair_losses(denoiser, x0[rows], r, gamma, t[rows], 1.0, pairs(e, rows))), None)
         record(1, loss)
         if progress:
             progress("stage 1: estimation" + label, i + 1, s.stage1_iterations)
@@ -383,12 +443,19 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
     opt, sched = optimiser(s.stage2_iterations, s.gamma_lr * s.stage2_gamma_lr_scale)
     for i in range(s.stage2_iterations):
         e = torch.randn((s.batch_size, *shape), generator=gen, device=device)
-        x0 = denoiser.ddim_sample(gamma * e + r, s.sampler_steps)
         t_late = _timesteps(*late, s.batch_size, gen, device)
         t_early = _timesteps(*early, s.batch_size, gen, device)
-        loss = 0.5 * (pair_loss(denoiser, x0, r, gamma, t_late, 1.0, gen)
-                      + pair_loss(denoiser, x0, r, gamma, t_early, 0.0, gen))
-        step(opt, sched, loss - s.l1_weight * r.abs().sum(), s.stage2_grad_clip)
+        e_late = torch.randn((2 * s.batch_size, *shape), generator=gen, device=device)
+        e_early = torch.randn((2 * s.batch_size, *shape), generator=gen, device=device)
+
+        def part(rows: slice) -> torch.Tensor:
+            x0 = denoiser.ddim_sample(gamma * e[rows] + r, s.sampler_steps,
+                                      checkpoint=denoiser.memory_plan.checkpointed_sampler)
+            return 0.5 * (mean_over_batch(pair_losses(denoiser, x0, r, gamma, t_late[rows], 1.0, pairs(e_late, rows)))
+                          + mean_over_batch(pair_losses(denoiser, x0, r, gamma, t_early[rows], 0.0,
+                                                        pairs(e_early, rows))))
+
+        loss = gradient_step(opt, sched, part, s.stage2_grad_clip)
         record(2, loss)
         if progress:
             progress("stage 2: refinement" + label, i + 1, s.stage2_iterations)

@@ -58,3 +58,29 @@ def test_unreachable_hub_through_cli(hub, tmp_path):  # noqa: F811
     res = CliRunner().invoke(app, ["model", "org/tiny", "--out", str(tmp_path / "o"), *CHEAP])
     assert res.exit_code == 2, res.output
     assert "cannot reach" in res.stderr.lower() and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_device_out_of_memory_at_one_pair_is_a_one_line_error(model_dirs, tmp_path, monkeypatch):
+    """The reversion halves its micro-batch while a GPU runs out; when even one noise pair does not fit the
+    error reaches the CLI, which says so and how to get past it (exit 2, nothing written), for `model` and
+    for `inputs --model`."""
+    import torch
+
+    import terd_scan.scan as scan
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(scan, "reverse_trigger", out_of_memory)
+    res = CliRunner().invoke(app, ["model", str(model_dirs["pipeline"]), "--out", str(tmp_path / "out"), *CHEAP])
+    assert res.exit_code == 2, res.output
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and "out of device memory even at one noise pair" in err and "--device cpu" in err
+    assert not (tmp_path / "out").exists()
+    noises = tmp_path / "noises"
+    noises.mkdir()
+    torch.save({"x": torch.randn(2, 3, 8, 8)}, noises / "n.pt")
+    monkeypatch.setenv("TERD_SCAN_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["inputs", str(noises), "--model", str(model_dirs["pipeline"]), "--device", "cpu",
+                                   "--stage1-iterations", "2", "--stage2-iterations", "1"])
+    assert res.exit_code == 2 and "out of device memory even at one noise pair" in res.stderr, res.output

@@ -13,7 +13,8 @@ from terd_scan.presets import settings_for
 from terd_scan.canvas_search import canvas_candidates
 from terd_scan.dip_search import DIP_KEEP_RATIO, DIP_SEED_RATIO
 from terd_scan.patch_search import BASIN_RATIO, patch_candidates
-from terd_scan.reversion import pair_loss, reverse_trigger
+from terd_scan.pair_loss import pair_loss
+from terd_scan.reversion import reverse_trigger
 
 FAST = settings_for("fast")
 
@@ -415,3 +416,72 @@ def test_report_says_how_the_narrow_search_ended():
     assert narrow_outcome({"seeded_run": False, "end_ratio": None, "kept": True, "held": held}) == (
         "no basin (ratio >= 1.0), no seeded run; r descended from the offset at 4 gammas held, lowest loss at "
         "gamma 0.6 (end ratio 0.16): kept")
+
+
+def test_memory_plan_keeps_small_inputs_whole_and_splits_large_ones():
+    from terd_scan.memory_plan import memory_plan
+
+    def plan(shape, device="cpu"):
+        p = memory_plan(shape, 16, device)
+        return p.micro_batch, p.checkpointed_sampler
+
+    assert plan((3, 16, 16)) == (16, False) and plan((3, 32, 32)) == (16, False)  # the zoo, CIFAR-10
+    assert plan((3, 64, 64)) == (4, True) and plan((3, 256, 256)) == (1, True)
+    assert plan((4, 64, 64)) == (3, True)  # an LDM-CelebA-HQ latent
+    # a GPU says when it runs out: the whole batch first there, then halved down to one pair
+    assert plan((3, 256, 256), "cuda") == (16, True) and plan((3, 16, 16), "cuda:1") == (16, False)
+    p, sizes = memory_plan((3, 256, 256), 16, "cuda"), []
+    while p is not None:
+        sizes.append((p.micro_batch, p.halvings))
+        p = p.halved()
+    assert sizes == [(16, 0), (8, 1), (4, 2), (2, 3), (1, 4)]
+
+
+def test_a_micro_batched_checkpointed_reversion_is_the_whole_batch_one(monkeypatch):
+    """Splitting the batch into chunks (gradients accumulated) and recomputing the sampler's network
+    calls in the backward pass change the memory a reversion needs, not its result: same draws, same
+    gradient up to float rounding."""
+    import terd_scan.reversion as reversion
+    from terd_scan.memory_plan import MemoryPlan
+
+    den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
+    settings = settings_for("fast", stage1_iterations=30, stage2_iterations=3, patch_search=False,
+                            narrow_search=False, canvas_search=False, dip_search=False)
+    whole = reverse_trigger(den, settings, seed=5)
+    assert whole.memory == {"micro_batch": 16, "checkpointed_sampler": False, "halvings": 0}
+    monkeypatch.setattr(reversion, "memory_plan", lambda shape, batch, device: MemoryPlan(5, True))  # 5 + 5 + 5 + 1
+    checkpointed, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, x, *a, **k: checkpointed.append(x.shape[0]) or checkpoint(fn, x, *a, **k))
+    split = reverse_trigger(den, settings, seed=5)
+    assert split.memory == {"micro_batch": 5, "checkpointed_sampler": True, "halvings": 0}
+    assert torch.allclose(whole.r, split.r, atol=1e-5, rtol=1e-4), (whole.r - split.r).abs().max()
+    assert torch.allclose(whole.gamma, split.gamma, atol=1e-5, rtol=1e-4)
+    assert whole.trace["loss"] == pytest.approx(split.trace["loss"], rel=1e-5)
+    assert split.network_evaluations == whole.network_evaluations
+    assert checkpointed == ([5] * 30 + [1] * 10) * 3  # 10 sampler calls per chunk, 4 chunks, 3 iterations
+
+
+def test_running_out_of_device_memory_halves_the_micro_batch_and_retries_with_the_same_draws(monkeypatch):
+    """A GPU that cannot hold the whole batch: each step that runs out is retried with half the pairs per
+    pass until it fits; nothing is applied by the failed attempt, so the result is the whole-batch one."""
+    den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
+    settings = settings_for("fast", stage1_iterations=30, stage2_iterations=3, patch_search=False,
+                            narrow_search=False, canvas_search=False, dip_search=False)
+    whole = reverse_trigger(den, settings, seed=5)
+    eps = den.eps
+
+    def small_device(x, t):  # pairs come in as 2 * rows: more than 4 rows at once does not fit
+        if x.shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return eps(x, t)
+
+    monkeypatch.setattr(den, "eps", small_device)
+    split = reverse_trigger(den, settings, seed=5)
+    assert split.memory == {"micro_batch": 4, "checkpointed_sampler": False, "halvings": 2}  # 16 -> 8 -> 4
+    assert torch.allclose(whole.r, split.r, atol=1e-5, rtol=1e-4) and torch.allclose(whole.gamma, split.gamma, atol=1e-5)
+    assert whole.trace["loss"] == pytest.approx(split.trace["loss"], rel=1e-5)
+
+    monkeypatch.setattr(den, "eps", lambda x, t: (_ for _ in ()).throw(torch.OutOfMemoryError("no room at all")))
+    with pytest.raises(torch.OutOfMemoryError):  # not even one pair fits: the error goes up (the CLI says so)
+        reverse_trigger(den, settings, seed=5)
