@@ -70,10 +70,10 @@ def guarded(fn):
             raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was written") from None
-        except torch_out_of_memory() as exc:  # the reversion already halved its micro-batch down to one pair
+        except torch_out_of_memory() as exc:  # the reversion halves its micro-batch down to one pair first
             first = (str(exc).splitlines() or [""])[0]
-            raise fail(f"out of device memory even at one noise pair per pass ({first[:80]}); free the device, "
-                       "use one with more memory, or --device cpu; nothing was written") from None
+            raise fail(f"out of device memory ({first[:80]}); free the device, use one with more memory, "
+                       "or --device cpu; nothing was written") from None
         except Exception as exc:  # an unexpected failure is still exit 2, not "backdoored"
             if os.environ.get("TERD_SCAN_DEBUG"):
                 raise

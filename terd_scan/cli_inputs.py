@@ -149,8 +149,8 @@ def inputs_command(
     except KeyboardInterrupt:
         raise _fail("interrupted") from None
     except torch.OutOfMemoryError:  # the --model reversion already halved its micro-batch down to one pair
-        raise _fail("out of device memory even at one noise pair per pass while reversing the trigger; free the "
-                    "device, use one with more memory, or --device cpu") from None
+        raise _fail("out of device memory while reversing the trigger; free the device, use one with more "
+                    "memory, or --device cpu") from None
     except MemoryError:
         raise _fail("out of memory while scoring noises (split the directory or use smaller batch files)") from None
     except Exception as exc:  # never a traceback, never exit 1 (which means "poisoned")

@@ -11,6 +11,7 @@ Measured with benchmarks/bench_scale.py (random weights, batch 16, standard's 10
   standard's 600 + 60 iterations) and 129 GiB at 16 (383 s). A GPU reports running out
   (torch.OutOfMemoryError), so there the whole batch goes first and the reversion halves the
   micro-batch each time it runs out (MemoryPlan.halved), keeping what fits for the rest of the scan.
+Forward-only passes (the searches, the basin test) are split the same way above 3x32x32 (forward_chunk).
 Zoo models (16 px, 4x8x8 latents) and 32 px models run in one piece on either device, unchanged."""
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def forward_chunk(self) -> int | None:
+        """Samples per forward-only network call (the searches' and the basin test's batches of up to 128
+        noises): all at once for inputs up to 3x32x32, else as many as one gradient pass holds."""
+        return 2 * self.micro_batch if self.checkpointed_sampler else None
 
     def halved(self) -> "MemoryPlan | None":
         """The plan after running out of memory; None when a single pair did not fit."""

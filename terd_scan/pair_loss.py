@@ -23,9 +23,25 @@ def pair_losses(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma, t: torch.Ten
     x0_2, abar_2 = torch.cat([x0, x0]), torch.cat([abar, abar])
     r_2 = torch.cat([r, r]) if r.dim() == x0.dim() else r
     x_tilde = abar_2.sqrt() * x0_2 + (1 - abar_2).sqrt() * gamma * e + c * r_2
-    residual = e - denoiser.eps(x_tilde, torch.cat([t, t]))
+    residual = e - _eps(denoiser, x_tilde, torch.cat([t, t]))
     diff = residual[:b] - residual[b:]
     return 0.5 * diff.pow(2).flatten(1).sum(1)
+
+
+def _eps(denoiser, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The network's eps, a forward-only batch split as the reversion's memory plan says (large inputs)."""
+    while True:
+        plan = getattr(denoiser, "memory_plan", None)  # set by reversion.reverse_trigger
+        chunk = plan.forward_chunk() if plan is not None and not torch.is_grad_enabled() else None
+        if chunk is None:
+            return denoiser.eps(x, t)
+        try:
+            return torch.cat([denoiser.eps(x[i:i + chunk], t[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+        except torch.OutOfMemoryError:  # a GPU that ran out: halve the plan for the rest of the scan, retry
+            smaller = plan.halved()
+            if smaller is None:
+                raise
+            denoiser.memory_plan = smaller
 
 
 def pair_loss(denoiser, x0: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor, t: torch.Tensor, c: float,

@@ -485,3 +485,30 @@ def test_running_out_of_device_memory_halves_the_micro_batch_and_retries_with_th
     monkeypatch.setattr(den, "eps", lambda x, t: (_ for _ in ()).throw(torch.OutOfMemoryError("no room at all")))
     with pytest.raises(torch.OutOfMemoryError):  # not even one pair fits: the error goes up (the CLI says so)
         reverse_trigger(den, settings, seed=5)
+
+
+def test_forward_only_batches_of_large_inputs_are_split_as_the_plan_says():
+    """The searches score up to 128 noises in one forward pass: above 3x32x32 that pass is split into
+    chunks a gradient pass holds, with the same losses; small inputs stay one call."""
+    from terd_scan.memory_plan import MemoryPlan
+    from terd_scan.pair_loss import common_pairs, pair_losses
+
+    den = DDPMDenoiser(AnalyticUNet(box_trigger(), corner_target()), SCHEDULE)
+    x0, t, e = common_pairs(den, 20, 10, torch.Generator().manual_seed(0))
+    r, ones = box_trigger(), torch.ones_like(box_trigger())
+    with torch.no_grad():
+        one_call = pair_losses(den, x0, r, ones, t, 1.0, e)
+        calls, eps = [], den.eps
+        den.eps = lambda x, tt: calls.append(x.shape[0]) or eps(x, tt)
+        den.memory_plan = MemoryPlan(16, False)  # a small input: one call
+        assert torch.equal(pair_losses(den, x0, r, ones, t, 1.0, e), one_call) and calls == [40]
+        calls.clear()
+        den.memory_plan = MemoryPlan(3, True)  # a large one: 6 noises per call
+        split = pair_losses(den, x0, r, ones, t, 1.0, e)
+    assert calls == [6] * 6 + [4] and torch.allclose(split, one_call, rtol=1e-5)
+    # a GPU that runs out in a forward-only pass: the plan is halved (6 -> 2 noises per call) and the pass retried
+    den.eps = lambda x, tt: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")) if x.shape[0] > 2 else eps(x, tt)
+    den.memory_plan = MemoryPlan(3, True)
+    with torch.no_grad():
+        retried = pair_losses(den, x0, r, ones, t, 1.0, e)
+    assert den.memory_plan.micro_batch == 1 and den.memory_plan.halvings == 1 and torch.allclose(retried, one_call, rtol=1e-5)
