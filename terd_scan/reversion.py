@@ -359,9 +359,8 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
         trace["r_l1_mean"].append(float(r.detach().abs().mean()))
         trace["gamma_mean"].append(float(gamma.detach().mean()))
 
-    def step(opt, sched, objective: torch.Tensor, clip: float | None) -> None:
-        opt.zero_grad(set_to_none=True)
-        objective.backward()
+    def apply(opt, sched, clip: float | None) -> None:
+        """The optimiser step on the gradients accumulated in r and gamma."""
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([r], clip)
         opt.step()
@@ -383,12 +382,7 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
             piece.backward()
             loss += piece.detach()
         (-s.l1_weight * r.abs().sum()).backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_([r], clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            gamma.clamp_(min=s.gamma_floor)
+        apply(opt, sched, clip)
         return loss
 
     def gradient_step(opt, sched, part: Callable[[slice], torch.Tensor], clip: float | None) -> torch.Tensor:
@@ -400,8 +394,10 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
             plan = denoiser.memory_plan
             try:
                 if plan.micro_batch >= s.batch_size and not plan.checkpointed_sampler:
-                    loss = part(slice(0, s.batch_size))  # the code the zoo and the references were measured with
-                    step(opt, sched, loss - s.l1_weight * r.abs().sum(), clip)
+                    opt.zero_grad(set_to_none=True)  # one backward, as the zoo and the references were measured
+                    loss = part(slice(0, s.batch_size))
+                    (loss - s.l1_weight * r.abs().sum()).backward()
+                    apply(opt, sched, clip)
                     return loss
                 return chunked_step(opt, sched, part, clip, plan.micro_batch)
             except torch.OutOfMemoryError:
@@ -410,7 +406,7 @@ def _two_stage_run(denoiser, s: ReversionSettings, r_start: torch.Tensor, gen: t
                 if smaller is None:
                     raise
                 denoiser.memory_plan = smaller
-                if device.type == "cuda":
+                if torch.device(device).type == "cuda":
                     torch.cuda.empty_cache()
 
     def pairs(e: torch.Tensor, rows: slice) -> torch.Tensor:
