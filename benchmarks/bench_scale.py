@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import terd_scan.reversion as reversion  # noqa: E402
 from terd_scan.denoisers import make_denoiser  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from device_scan import markdown  # noqa: E402  (the same table writer)
 from terd_scan.memory_plan import MemoryPlan, memory_plan  # noqa: E402
 from terd_scan.presets import settings_for  # noqa: E402
 from terd_scan.reversion import reverse_trigger  # noqa: E402
@@ -171,16 +173,13 @@ def main() -> None:
             row = {"config": config, "device": args.device, "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
         print(" | ".join(fmt(row)), flush=True)
-        table = [COLUMNS] + [fmt(r) for r in rows]
-        widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-        md = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
-        md.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        table = markdown([COLUMNS] + [fmt(r) for r in rows])
         args.out_dir.mkdir(parents=True, exist_ok=True)
         name = f"bench-scale-{args.device}"
         (args.out_dir / f"{name}.json").write_text(json.dumps(
             {"command": "python " + " ".join(sys.argv), "environment": env, "rows": rows}, indent=2))
         (args.out_dir / f"{name}.md").write_text(
-            f"`python {' '.join(sys.argv)}`\n\n{json.dumps(env)}\n\n" + "\n".join(md) + "\n")
+            f"`python {' '.join(sys.argv)}`\n\n{json.dumps(env)}\n\n{table}\n")
     print("\n" + "\n".join((args.out_dir / f"bench-scale-{args.device}.md").read_text().splitlines()[4:]))
 
 
