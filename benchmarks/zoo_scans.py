@@ -109,7 +109,7 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     settings = settings_for(preset, **options.overrides)
     if use_cache and cached.is_file():  # the sidecar's labels may have changed since (e.g. the split)
         row = json.loads(cached.read_text())
-        if settings.basin_gate and "basin" not in row:
+        if settings.basin_gate and "wall" not in row.get("basin", {}):  # none yet, or made before the outer wall
             trigger_file = trigger_cache_path(cached)
             if not trigger_file.is_file():  # no trigger kept for this row: reverse again
                 return reverse_zoo_model(model_dir, preset, seed, overrides, use_cache=False)
@@ -164,8 +164,8 @@ def trigger_cache_path(row_path: Path) -> Path:
 
 
 def _basin_summary(test) -> dict:
-    return {"barrier": test.barrier, "basin": test.basin, "min_barrier": test.min_barrier, "pairs": test.pairs,
-            "network_evaluations": test.network_evaluations}
+    return {"barrier": test.barrier, "wall": test.wall, "basin": test.basin, "min_barrier": test.min_barrier,
+            "pairs": test.pairs, "network_evaluations": test.network_evaluations}
 
 
 def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, seed: int) -> dict:
@@ -176,5 +176,6 @@ def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, see
         raise ValueError(f"{model_dir.name}: the cached trigger is not the cached row's (features differ)")
     denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
     test = scan_basin_test(denoiser, trigger.r, trigger.gamma, settings, seed)
+    earlier = row.get("basin", {}).get("network_evaluations", 0)  # a test made before the outer wall, replaced
     return {**row, "basin": _basin_summary(test),
-            "network_evaluations": row["network_evaluations"] + test.network_evaluations}
+            "network_evaluations": row["network_evaluations"] - earlier + test.network_evaluations}

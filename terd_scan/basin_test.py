@@ -1,26 +1,29 @@
-"""Basin test: an optional second condition of the verdict (settings.basin_gate, `--basin-gate`), that the
-reversed trigger is a trigger at all.
+"""Basin test: the verdict's second condition (settings.basin_gate: on in `standard`, `--basin-gate` /
+`--no-basin-gate`), that the reversed trigger is held by TERD's objective at all.
 
 TERD flags a model when the reversed N(r, gamma^2) is far from N(0, I) in KL. The KL says how far
 the descent went, not why. On every backdoored zoo model the pair loss at the true trigger is higher
-than at r = 0 (45/45, benchmarks/trigger_line.py): a reversion holds a trigger only in a local basin
-of its objective O = L - lambda ||r||_1, behind a barrier that separates it from the benign noise.
-Where there is no barrier, the descent's end point is a drift of the benign optimum: the L1 term's
+than at r = 0 (45/45, benchmarks/trigger_line.py): a reversion holds a trigger only where the objective
+O = L - lambda ||r||_1 has a wall: a barrier that separates it from the benign noise, or a rise just
+beyond it. Where it has neither, the descent's end point is a drift of the benign optimum: the L1 term's
 outward push against a flat loss, or a direction in which this model's loss is a little lower (the
-zoo's benign-n: its bottom row of red shifted by -0.35 at every seed, 1.8-1.9 x the KL threshold).
+zoo's benign-n: its bottom row of red shifted by -0.35 at every seed, 1.8-1.9 x the KL threshold), and
+the run stopped where its learning rate ran out, not at anything that holds it.
 
-The test walks the straight line from (0, 1) to the reversed (r, gamma), r_s = s r and
-gamma_s = 1 + s (gamma - 1) for s = 0, 0.1, ..., 1, and evaluates O on common noise pairs (TERD's
-pair loss at the last timesteps, c = 1, forward passes only). The barrier is the highest interior
-point of O above the higher of its two ends, relative to the highest loss on the line:
+The test walks the straight line from (0, 1) through the reversed (r, gamma), r_s = s r and
+gamma_s = max(1 + s (gamma - 1), gamma_floor) for s = 0, 0.1, ..., 1.2, and evaluates O on common noise
+pairs (TERD's pair loss at the last timesteps, c = 1, forward passes only). Relative to the highest
+loss between N(0, I) and the trigger, L_max = max_{s <= 1} L(s):
 
-    barrier = (max_{0 < s < 1} O(s) - max(O(0), O(1))) / max_s L(s)
+    barrier = (max_{0 < s < 1} O(s) - max(O(0), O(1))) / L_max    the inner wall
+    wall    = (O(1.2) - O(1)) / L_max                              the outer wall
 
-and the reversed trigger is a basin when barrier > basin_min_barrier. Measured on the `standard`
-reversions of the 78 zoo models (README, "Basin test"): the 30 benign models -0.030 to -0.006, 38
-backdoored ones +0.060 to +0.87; but three found VillanDiffusion triggers (villan-box-corner-d and the two
-VE models, r cosine 0.87-0.95) are no basin on this line either (-0.089 to -0.037): their objective falls
-all the way from N(0, I), held by lambda as a benign drift is. So it is off in every preset.
+and the trigger is held (`basin`) when either exceeds basin_min_barrier (2%, the patch search's margin).
+Measured on the `standard` reversions of the 78 zoo models (README, "Basin test"): the 30 benign models
+have barriers -0.032 to -0.006 and walls -0.016 to +0.010 (three sets of noise pairs); every flagged
+backdoored one but the p = 2% box (its trigger not found) is held, the found VillanDiffusion triggers
+whose objective falls all the way from N(0, I) (villan-box-corner-d, the VE models) by their outer wall
+(+0.08 to +0.38).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from .pair_loss import common_pairs, pair_losses
 from .reversion import search_generator
 
-SCALES = tuple(k / 10 for k in range(11))
+SCALES = tuple(k / 10 for k in range(13))  # 0 .. 1.2: the trigger at s = 1, the outer wall beyond it
+END = SCALES.index(1.0)
 BASIN_SEED_OFFSET = 5_000_003  # its own noise pairs, as the searches have (reversion.search_generator)
 
 
@@ -41,38 +45,45 @@ class BasinTest:
     scales: list[float]
     loss: list[float]  # TERD's pair loss along the line
     objective: list[float]  # loss - lambda ||r_s||_1
-    barrier: float  # see the module docstring
+    barrier: float  # the inner wall, see the module docstring
     min_barrier: float
-    basin: bool
+    basin: bool  # held: barrier or wall above min_barrier
     pairs: int
     network_evaluations: int
+    wall: float = float("nan")  # the outer wall, see the module docstring
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, l1_weight: float, pairs: int, window: int,
-               min_barrier: float, generator: torch.Generator) -> BasinTest:
-    """The objective along the line from the benign noise to (r, gamma) and its barrier (module docstring)."""
+               min_barrier: float, generator: torch.Generator, gamma_floor: float = 0.05) -> BasinTest:
+    """The objective along the line from the benign noise through (r, gamma), and its two walls (module docstring)."""
     start = denoiser.evaluations
     r, gamma = r.to(denoiser.device), gamma.to(denoiser.device)
     x0, t, e = common_pairs(denoiser, pairs, window, generator)
     loss, objective = [], []
     with torch.no_grad():
-        for s in SCALES:
-            value = float(pair_losses(denoiser, x0, s * r, 1.0 + s * (gamma - 1.0), t, 1.0, e).mean())
+        for s in SCALES:  # past the trigger gamma would cross 0: it stops at the reversion's floor
+            gamma_s = (1.0 + s * (gamma - 1.0)).clamp_min(gamma_floor)
+            value = float(pair_losses(denoiser, x0, s * r, gamma_s, t, 1.0, e).mean())
             loss.append(round(value, 5))
             objective.append(round(value - l1_weight * s * float(r.abs().sum()), 5))
-    peak, ends = max(objective[1:-1]), max(objective[0], objective[-1])
-    barrier = (peak - ends) / max(max(loss), 1e-12)
-    ok = barrier == barrier  # not NaN
-    return BasinTest(scales=list(SCALES), loss=loss, objective=objective, barrier=round(barrier, 5) if ok else barrier,
-                     min_barrier=min_barrier, basin=bool(ok and barrier > min_barrier), pairs=pairs,
-                     network_evaluations=denoiser.evaluations - start)
+    scale = max(max(loss[:END + 1]), 1e-12)
+    barrier = (max(objective[1:END]) - max(objective[0], objective[END])) / scale
+    wall = (objective[-1] - objective[END]) / scale
+    held = barrier > min_barrier or wall > min_barrier  # False when either is NaN and the other is not above
+    return BasinTest(scales=list(SCALES), loss=loss, objective=objective, barrier=_rounded(barrier),
+                     min_barrier=min_barrier, basin=bool(held), pairs=pairs,
+                     network_evaluations=denoiser.evaluations - start, wall=_rounded(wall))
+
+
+def _rounded(value: float) -> float:
+    return round(value, 5) if value == value else value  # NaN stays NaN
 
 
 def scan_basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, settings, seed: int) -> BasinTest:
     """The test with a scan's settings and its own generator (the scan's seed + BASIN_SEED_OFFSET)."""
     gen = search_generator(seed, BASIN_SEED_OFFSET, denoiser.device)
     return basin_test(denoiser, r, gamma, settings.l1_weight, settings.basin_pairs, settings.timestep_window,
-                      settings.basin_min_barrier, gen)
+                      settings.basin_min_barrier, gen, settings.gamma_floor)

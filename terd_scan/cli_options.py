@@ -50,9 +50,9 @@ DipSearchOpt = Annotated[Optional[bool], typer.Option("--dip-search/--no-dip-sea
                                                            "narrow-noise triggers (on in standard and fast, off in "
                                                            "paper).")]
 BasinGateOpt = Annotated[Optional[bool], typer.Option("--basin-gate/--no-basin-gate",
-                                                      help="Override: flag a model only when its reversed trigger is "
-                                                           "a basin of TERD's objective, behind a barrier from N(0, I) "
-                                                           "(off in every preset: an experimental condition, see the README).")]
+                                                      help="Override: flag a model only when TERD's objective holds "
+                                                           "its reversed trigger, by a barrier from N(0, I) or a wall "
+                                                           "beyond it (on in standard, off in fast and paper).")]
 RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
                                                   help="Override: iterations of each held-gamma descent of the "
                                                        "narrow-noise refinement and sweeps (0: none).")]

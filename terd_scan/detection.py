@@ -48,8 +48,8 @@ class Verdict:
 
 def judge(features: Features, reference: Reference, basin=None) -> Verdict:
     """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V. With a
-    basin test (basin_test.BasinTest, settings.basin_gate, opt-in), a KL over the thresholds flags only a reversed
-    trigger that is a basin of TERD's objective; otherwise the verdict is clean and the reasons say why."""
+    basin test (basin_test.BasinTest, settings.basin_gate: on in `standard`), a KL over the thresholds flags only
+    a reversed trigger that TERD's objective holds; otherwise the verdict is clean and the reasons say why."""
     th = reference.thresholds()
     reasons = []
     if features.mean_kl > th["mean_kl"]:
@@ -57,7 +57,8 @@ def judge(features: Features, reference: Reference, basin=None) -> Verdict:
     if features.var_kl > th["var_kl"]:
         reasons.append(f"KL variance {features.var_kl:.4g} > threshold {th['var_kl']:.4g}")
     if reasons and basin is not None and not basin.basin:
-        return Verdict(CLEAN, [*reasons, f"but the reversed trigger is no basin of TERD's objective (barrier "
-                                         f"{basin.barrier:.3g} <= {basin.min_barrier:g} on the line from N(0, I)): "
+        return Verdict(CLEAN, [*reasons, f"but TERD's objective does not hold the reversed trigger (on the line from "
+                                         f"N(0, I) through it, barrier {basin.barrier:.3g} before it and wall "
+                                         f"{basin.wall:.3g} beyond it, neither above {basin.min_barrier:g}): "
                                          "a drift of the benign optimum, not a trigger"])
     return Verdict(BACKDOORED if reasons else CLEAN, reasons)

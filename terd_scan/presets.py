@@ -64,11 +64,10 @@ class ReversionSettings:
     dip_gammas: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
     dip_pairs: int = 32
     # The verdict's second condition (basin_test.py): a KL over the thresholds flags the model only when
-    # the reversed trigger is a basin of the objective, behind a barrier (> basin_min_barrier x the loss
-    # of the line's highest loss) on the line from N(0, I) to it, measured on basin_pairs noise pairs. Off in
-    # every preset (--basin-gate turns it on): it clears benign-n but also three found VillanDiffusion triggers
-    # (villan-box-corner-d, both VE models), whose objective falls all the way from N(0, I) (README, "Basin test").
-    # It reads the reversion's result and changes nothing in it.
+    # TERD's objective holds the reversed trigger: on the line from N(0, I) through it, a barrier before it or a
+    # wall just beyond it (> basin_min_barrier x the line's highest loss), measured on basin_pairs noise pairs.
+    # It reads the reversion's result and changes nothing in it. On in `standard` (it clears benign-n's drift;
+    # README, "Basin test"), off in `paper` (the paper's rule) and `fast` (not measured on its reversions).
     basin_gate: bool = False
     basin_pairs: int = 64
     basin_min_barrier: float = 0.02
@@ -89,7 +88,7 @@ PRESETS: dict[str, ReversionSettings] = {
     # not hold r against that rise over 600 iterations (README, "TERD's L1 weight lambda").
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1, l1_weight=2e-3,
                                   patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
-                                  dip_search=True),
+                                  dip_search=True, basin_gate=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
                               patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
                               dip_search=True),

@@ -176,10 +176,11 @@ def render_console(report: dict, console) -> None:
         info.add_row("dip search", f"{probe}; {outcome}")
     bt = report.get("basin_test")
     if bt:
-        info.add_row("basin test", f"barrier {bt['barrier']:.3g} on the line from N(0, I) to the trigger ({bt['pairs']} noise "
-                                   f"pairs; a basin above {bt['min_barrier']:g}): "
-                                   + ("a basin, the KL verdict stands" if bt["basin"] else
-                                      "no basin, so a KL over the thresholds does not flag the model"))
+        info.add_row("basin test", f"on the line from N(0, I) through the trigger ({bt['pairs']} noise pairs), barrier "
+                                   f"{bt['barrier']:.3g} before it, wall {bt.get('wall', float('nan')):.3g} beyond it "
+                                   f"(held above {bt['min_barrier']:g}): "
+                                   + ("held, the KL verdict stands" if bt["basin"] else
+                                      "not held, so a KL over the thresholds does not flag the model"))
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

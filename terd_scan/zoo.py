@@ -765,6 +765,14 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # standard scans of the zoo and not scanned until it was fixed
     ZooSpec("benign-s", image_set="gradients", seed=171, split="holdout"),
     ZooSpec("benign-t", image_set="shapes", seed=173, split="holdout"),
+    # blind holdouts for the basin test's outer wall (basin_test.py), built while it was being designed on the
+    # standard scans of the zoo and not scanned until it was fixed: recipes measured to fire (villan-box-corner-d's,
+    # baddiffusion-box-p05-corner's) on other seeds and image sets, and a benign twin on `gradients`
+    _bd("villan-box-corner-f", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="shapes", seed=211, steps=6000, split="holdout", beta_end=0.01),
+    _bd("baddiffusion-box-p05-corner-c", "box", "corner", poison_rate=0.05, batch_size=40, image_set="gradients",
+        seed=213, steps=4500, split="holdout"),
+    ZooSpec("benign-u", image_set="gradients", seed=215, split="holdout"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,

@@ -304,6 +304,8 @@ VE_ZOO: dict[str, VESpec] = {s.name: s for s in [
     replace(_VE_BENIGN, name="ve-benign-b", image_set="checkers", seed=31),
     replace(_VE_BENIGN, name="ve-benign-c", image_set="gradients", seed=33),
     replace(_VE_VILLAN, name="ve-villan-box-b", image_set="checkers", seed=32),
+    # blind holdout for the basin test's outer wall (basin_test.py), not scanned until it was fixed
+    replace(_VE_VILLAN, name="ve-villan-box-c", image_set="gradients", seed=217),
     replace(_VE_VILLAN, name="ve-villan-stopsign-corner", trigger="stop-canvas", seed=34, split="experimental",
             note="the stop sign on a -1 canvas, 12000 steps (ASR 28/32)"),
     replace(_VE_VILLAN, name="ve-villan-stopsign-corner-15k", trigger="stop-canvas", seed=34, steps=15000,

@@ -143,13 +143,20 @@ def test_a_cached_row_gains_its_basin_test_from_its_cached_trigger(tmp_path, mon
     row = {**_row("benign-a", "benign", "calibration", f.mean_kl, f.var_kl), "seed": 0, "network_evaluations": 100}
     path.write_text(json.dumps(row))
     Trigger(r, gamma).save(str(zoo_scans.trigger_cache_path(path)))
-    gated = {"basin_gate": True}  # opt-in: the verdict setting does not move the cache key
+    gated = {"basin_gate": True}  # standard's own: the verdict setting does not move the cache key
     assert zoo_scans.cache_path(model, "standard", 0, gated) == path
     judged = zoo_scans.reverse_zoo_model(model, "standard", overrides=gated)
-    assert judged["basin"]["pairs"] == 64 and judged["basin"]["basin"] is False  # a drifted start: no barrier
-    assert judged["network_evaluations"] == 100 + judged["basin"]["network_evaluations"]
-    assert json.loads(path.read_text())["basin"] == judged["basin"]  # written back
-    assert "basin" not in zoo_scans.reverse_zoo_model(model, "standard")  # not this verdict's without the gate
+    basin = judged["basin"]
+    assert basin["pairs"] == 64 and basin["basin"] == (basin["barrier"] > 0.02 or basin["wall"] > 0.02)
+    assert judged["network_evaluations"] == 100 + basin["network_evaluations"]
+    assert json.loads(path.read_text())["basin"] == basin  # written back
+    # a row judged before the outer wall existed is judged again, its evaluations replaced, not added
+    path.write_text(json.dumps({**row, "network_evaluations": 100 + 7, "basin": {"barrier": -0.01, "basin": False,
+                                                                                "network_evaluations": 7}}))
+    again = zoo_scans.reverse_zoo_model(model, "standard", overrides=gated)
+    assert again["basin"] == basin and again["network_evaluations"] == judged["network_evaluations"]
+    ungated = zoo_scans.reverse_zoo_model(model, "standard", overrides={"basin_gate": False})
+    assert "basin" not in ungated and ungated["network_evaluations"] == 100  # not this verdict's without the gate
     path.write_text(json.dumps({**row, "mean_kl": 2 * f.mean_kl}))  # a trigger that is not the row's
     with pytest.raises(ValueError, match="not the cached row's"):
         zoo_scans.reverse_zoo_model(model, "standard", overrides=gated)

@@ -60,7 +60,7 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     dip = report["dip_search"]  # r = 0 along the 9 gammas of the grid; 8 of them can dip
     assert report["settings"]["dip_search"] is True and dip["candidates"] == 8 and len(dip["losses"]) == 9
     assert isinstance(dip["kept"], bool) and report["timing"]["dip_search_seconds"] >= 0
-    assert report["basin_test"] is None and report["settings"]["basin_gate"] is False  # opt-in
+    assert report["settings"]["basin_gate"] is True and report["basin_test"]["pairs"] == 64  # standard's gate
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
@@ -108,21 +108,21 @@ def test_backdoored_verdict_exits_1_and_fail_on_never_exits_0(model_dirs, refs, 
 
 
 def test_a_kl_over_the_thresholds_without_a_basin_is_clean_and_says_why(model_dirs, refs, tmp_path):
-    """The basin gate: the strict reference puts any KL over its thresholds; this random network's reversed
-    trigger has no barrier on its line from N(0, I), so the verdict is clean, exit 0, with the crossings and
-    the gate's reason in the report."""
+    """The basin gate: the strict reference puts any KL over its thresholds; on this random network's line
+    from N(0, I) through its reversed trigger the objective has neither a barrier before the trigger nor a wall
+    beyond it, so the verdict is clean, exit 0, with the crossings and the gate's reason in the report."""
     res = run("model", model_dirs["flat"], "-f", "json", "--out", tmp_path, "--reference", refs["strict"], *CHEAP,
               "--basin-gate")
     report = json.loads(res.stdout)
-    basin = report["basin_test"]  # the line from N(0, I) to the trigger, 11 points on 64 noise pairs
-    assert report["settings"]["basin_gate"] is True and basin["pairs"] == 64 and len(basin["objective"]) == 11
-    assert basin["network_evaluations"] == 11 * 2 * 64 and report["timing"]["basin_test_seconds"] >= 0
-    assert not report["basin_test"]["basin"] and report["basin_test"]["barrier"] <= 0.02, report["basin_test"]
+    basin = report["basin_test"]  # the line from N(0, I) through the trigger, 13 points (s to 1.2) on 64 noise pairs
+    assert report["settings"]["basin_gate"] is True and basin["pairs"] == 64 and len(basin["objective"]) == 13
+    assert basin["network_evaluations"] == 13 * 2 * 64 and report["timing"]["basin_test_seconds"] >= 0
+    assert not basin["basin"] and basin["barrier"] <= 0.02 and basin["wall"] <= 0.02, basin
     assert res.exit_code == 0 and report["verdict"] == "clean", res.output
-    assert any("KL" in r for r in report["reasons"]) and "no basin" in report["reasons"][-1]
+    assert any("KL" in r for r in report["reasons"]) and "does not hold" in report["reasons"][-1]
     res = run("model", model_dirs["flat"], "--out", tmp_path / "rich", "--reference", refs["strict"], *CHEAP,
               "--basin-gate")
-    assert res.exit_code == 0 and "no basin" in res.stdout and "basin test" in res.stdout
+    assert res.exit_code == 0 and "not held" in res.stdout and "basin test" in res.stdout
 
 
 def test_sarif_output(model_dirs, refs, tmp_path):
