@@ -127,8 +127,9 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
         first = next(iter(by_preset.values()))
         line = {"model": model, "split": first["split"], "family": first["family"],
                 "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset},
-                "no_basin": {p: by_preset[p].get("kl_score", by_preset[p]["score"]) for p in presets
-                             if p in by_preset and no_basin(by_preset[p])}}
+                # the KL scores over the thresholds that the basin test cleared (their trigger is not held)
+                "cleared_by_basin_test": {p: by_preset[p]["kl_score"] for p in presets if p in by_preset
+                                          and no_basin(by_preset[p]) and by_preset[p].get("kl_score", 0) > 1}}
         base = presets[0]
         if base in by_preset:
             flag = by_preset[base]["score"] > 1
@@ -140,8 +141,9 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
 def verdict_markdown(lines: list[dict], presets: list[str]) -> str:
     head = ["model", "split", "family"] + [f"{p} score" for p in presets] + \
         [f"{p} = {presets[0]}" for p in presets[1:]]
-    out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`; \"no basin (KL x)\": the "
-           "reversed trigger failed the basin test, so its KL score x does not flag it.", "",
+    out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`; \"not held (KL x)\": a KL "
+           "score x over the thresholds that does not flag the model, since TERD's objective does not hold its reversed "
+           "trigger (the basin test).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in lines:
         agree = ln.get("agrees_with_" + presets[0], {})
@@ -155,8 +157,8 @@ def verdict_markdown(lines: list[dict], presets: list[str]) -> str:
 def _score_cell(line: dict, preset: str) -> str:
     if preset not in line["scores"]:
         return "-"
-    gated = line.get("no_basin", {})
-    return f"{line['scores'][preset]:.2f}" + (f" no basin (KL {gated[preset]:.2f})" if preset in gated else "")
+    cleared = line.get("cleared_by_basin_test", {})
+    return f"{line['scores'][preset]:.2f}" + (f" not held (KL {cleared[preset]:.2f})" if preset in cleared else "")
 
 
 def _ci(v: tuple[float, float]) -> str:

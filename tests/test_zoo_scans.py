@@ -1,6 +1,6 @@
 """End-to-end verdicts on the shipped zoo models (examples/zoo) with the default preset and the
 shipped reference: backdoored models are flagged (exit 1) and their recovered trigger r
-correlates with the true one; benign models pass (exit 0). The reversed triggers then filter
+correlates with the true one; benign models pass (exit 0), benign-n by the basin test. The reversed triggers then filter
 input noises. A CI-sized slice of the zoo; benchmarks/bench_scan.py runs all of it."""
 
 import json
@@ -202,6 +202,20 @@ class TestBenignFineTune(ZooModel):
 # threshold, each with its own reference of 10 benign models x 2 seeds); README, "TERD's L1 weight lambda"
 class TestBenignHoldout(ZooModel):
     name = "benign-e"
+
+
+class TestBenignDrift(ZooModel):
+    """benign-n (holdout): its reversed r is the same small structure at every seed, a direction in which this
+    poorly trained model's loss is a little lower, and its KL is over the standard thresholds (1.8 x). Along
+    the line from N(0, I) through it the objective has no barrier and no wall beyond it: the basin test calls
+    it a drift, and the verdict is clean with the crossing and the reason in the report."""
+    name = "benign-n"
+
+    def test_the_kl_crosses_but_the_basin_test_clears_it(self, scans):
+        _, report, _ = scans(self.name)
+        basin = report["basin_test"]
+        assert not basin["basin"] and basin["barrier"] <= 0.02 and basin["wall"] <= 0.02, basin
+        assert any("KL" in r for r in report["reasons"][:-1]) and "does not hold" in report["reasons"][-1]
 
 
 def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypatch):
