@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import auroc, auroc_interval, wilson  # noqa: E402
 from start_ablation import thresholds as own_thresholds  # noqa: E402
-from zoo_scans import ROOT, ZOO_DIR, bad_input, reverse_zoo_model, zoo_models  # noqa: E402
+from zoo_scans import ROOT, VERDICT_SETTINGS, ZOO_DIR, bad_input, reverse_zoo_model, zoo_models  # noqa: E402
 
 from terd_scan.presets import ReversionSettings  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
@@ -229,9 +229,10 @@ def _name_part(value) -> str:
 
 
 def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: list[dict]) -> dict:
-    """The shipped reference's thresholds, or with overrides (which it does not hold for) mu + 3 sigma
-    over this run's calibration benign rows of the family."""
-    if overrides:
+    """The shipped reference's thresholds, or with reversion overrides (which it does not hold for) mu + 3 sigma
+    over this run's calibration benign rows of the family. Verdict settings (the basin test) leave the features,
+    so the shipped reference holds for them."""
+    if any(k not in VERDICT_SETTINGS for k in overrides):
         benign = [r for r in rows if r["label"] == "benign" and r["split"] == "calibration"]
         if len(benign) < 2:
             bad_input(f"--set needs at least 2 calibration benign {ref_family} models among the models run")
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/quality.py " + " ".join(f"--preset {p}" for p in presets) + \
         "".join(f" --set {kv}" for kv in args.set) + \
         "".join(f" --zoo {d}" for d in args.zoo) + "".join(f" --model {m}" for m in args.model)
-    md = markdown(summary, command, own_thresholds=bool(overrides))
+    md = markdown(summary, command, own_thresholds=any(k not in VERDICT_SETTINGS for k in overrides))
     if len(presets) > 1:
         md += "\n" + verdict_markdown(verdicts_by_model(rows), presets)
     print("\n" + md)

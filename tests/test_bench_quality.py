@@ -206,6 +206,8 @@ def test_overridden_settings_are_judged_by_the_runs_own_calibration_benign_model
                            match="calibration benign")
     shipped = reference_thresholds("standard", "pixel", {}, rows)  # no overrides: the shipped reference
     assert shipped["mean_kl"] != th["mean_kl"] and shipped["mean_kl"] > 0
+    # a verdict setting leaves the features alone: the shipped reference still holds
+    assert reference_thresholds("fast", "pixel", {"basin_gate": True}, rows) == reference_thresholds("fast", "pixel", {}, rows)
 
 
 def test_shard_is_k_of_n_and_a_bad_one_exits_with_one_line(capsys):
