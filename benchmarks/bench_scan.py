@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_scan import markdown  # noqa: E402
 from zoo_scans import ROOT, reverse_zoo_model, zoo_models  # noqa: E402
 
+from terd_scan.basin_test import BasinTest  # noqa: E402
 from terd_scan.detection import Features, judge  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
@@ -40,15 +42,12 @@ def main() -> None:
         for m in models:
             row = reverse_zoo_model(m, preset, use_cache=not args.no_cache)
             if ref is not None:
-                row["verdict"] = judge(Features(row["mean_kl"], row["var_kl"]), ref).verdict
+                row["verdict"] = judge(Features(row["mean_kl"], row["var_kl"]), ref, _basin(row)).verdict
                 row["ok"] = (row["verdict"] == "backdoored") == (row["label"] == "backdoored")
             rows.append(row)
             print(_fmt(row), flush=True)
-    table = [COLUMNS] + [_fmt(r).split(" | ") for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    md = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in table]
-    md.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print("\n" + "\n".join(md))
+    md = markdown([COLUMNS] + [_fmt(r).split(" | ") for r in rows])
+    print("\n" + md)
     for preset in presets:
         for split in ("calibration", "holdout"):
             sel = [r for r in rows if r["preset"] == preset and r["split"] == split and "ok" in r]
@@ -60,7 +59,13 @@ def main() -> None:
     name = "scan-" + "-".join(presets)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / f"{name}.md").write_text(f"Command: python benchmarks/bench_scan.py {' '.join('--preset ' + p for p in presets)}"
-                                    f"\n\n" + "\n".join(md) + "\n")
+                                    f"\n\n" + md + "\n")
+
+
+def _basin(row: dict) -> BasinTest | None:
+    """The row's basin test (the preset's verdict condition, kept in the cached row), or None when it was off."""
+    summary = row.get("basin")
+    return None if summary is None else BasinTest(scales=[], loss=[], objective=[], **summary)
 
 
 def _fmt(r: dict) -> str:
