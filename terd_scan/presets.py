@@ -67,7 +67,8 @@ class ReversionSettings:
     # TERD's objective holds the reversed trigger: on the line from N(0, I) through it, a barrier before it or a
     # wall just beyond it (> basin_min_barrier x the line's highest loss), measured on basin_pairs noise pairs.
     # It reads the reversion's result and changes nothing in it. On in `standard` (it clears benign-n's drift;
-    # README, "Basin test"), off in `paper` (the paper's rule) and `fast` (not measured on its reversions).
+    # README, "Basin test"), off in `paper` (the paper's rule) and `fast` (its benign flags are starts that did not
+    # decay, which have a wall too: benign-n +0.062, benign-p +0.026).
     basin_gate: bool = False
     basin_pairs: int = 64
     basin_min_barrier: float = 0.02
