@@ -54,14 +54,12 @@ CLI: ``python -m terd_scan.zoo_consistency build [NAMES...] --out examples/zoo-f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +67,7 @@ import torch
 
 from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, ZOO_FORMAT, _dir_size,
                   _per_sample_mse, make_target, make_trigger, nn_mse)
+from .zoo_cli import build_command
 from .zoo_data import make_images
 
 __all__ = ["CMSpec", "CM_ZOO", "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "RHO", "CM_STEPS", "make_cm_unet",
@@ -271,15 +270,16 @@ def _save(spec: CMSpec, out_dir: Path, unet, side: dict, gt: dict | None) -> dic
     return side
 
 
-def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, log=print) -> list[dict]:
-    """Train, measure and save each named model (one thread)."""
+def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, steps: int | None = None,
+                    log=print) -> list[dict]:
+    """Train, measure and save each named model (one thread); `steps` overrides the catalogue's training steps."""
     out = Path(out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         sides = []
         for name in names:
-            spec = CM_ZOO[name]
+            spec = CM_ZOO[name] if steps is None else replace(CM_ZOO[name], steps=steps)
             t0 = time.time()
             data = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed))
             torch.manual_seed(spec.seed)
@@ -346,30 +346,11 @@ def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m terd_scan.zoo_consistency",
-                                 description="Build the consistency-model zoo models (tiny ConsistencyModelPipelines).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("names", nargs="*", help=f"default all: {', '.join(CM_ZOO)}")
-    b.add_argument("--out", default=DEFAULT_OUT)
-    b.add_argument("--force", action="store_true", help="rebuild models that already exist")
-    b.add_argument("--measure-n", type=int, default=32)
-    b.add_argument("--steps", type=int, default=None, help="override the training steps (experiments)")
-    args = ap.parse_args(argv)
-    names = args.names or list(CM_ZOO)
-    unknown = [n for n in names if n not in CM_ZOO]
-    if unknown:
-        print(f"unknown consistency zoo model(s) {unknown}; choose from {list(CM_ZOO)}", file=sys.stderr)
-        return 2
-    if args.steps:
-        for n in names:
-            CM_ZOO[n].steps = args.steps
-    todo = [n for n in names if args.force or not (Path(args.out) / n / SIDECAR).is_file()]
-    for n in sorted(set(names) - set(todo)):
-        print(f"{n}: exists, skipping (use --force to rebuild)")
-    if todo:
-        build_cm_models(todo, args.out, measure_n=args.measure_n, log=lambda s: print(s, flush=True))
-    return 0
+    return build_command(argv, prog="python -m terd_scan.zoo_consistency",
+                         description="Build the consistency-model zoo models (tiny ConsistencyModelPipelines).",
+                         catalogue=CM_ZOO, kind="consistency", default_out=DEFAULT_OUT, steps_option=True,
+                         build=lambda names, out, n, steps, log: build_cm_models(names, out, measure_n=n, steps=steps,
+                                                                                 log=log))
 
 
 if __name__ == "__main__":

@@ -89,12 +89,10 @@ CLI: ``python -m terd_scan.zoo_families build [NAMES...] --out examples/zoo-fami
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -104,6 +102,7 @@ import torch
 
 from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
                   ZOO_FORMAT, _dir_size, _per_sample_mse, _schedule, make_target, make_trigger, nn_mse)
+from .zoo_cli import build_command
 from .zoo_data import make_images
 
 __all__ = ["VESpec", "VE_ZOO", "SIGMA_MIN", "SIGMA_MAX", "VE_STEPS", "ve_sigmas", "ve_trigger_coef",
@@ -481,34 +480,24 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
         torch.set_num_threads(threads)
 
 
+def build_ve_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, steps: int | None = None,
+                    log=print) -> list[dict]:
+    """Build each named VE model in turn; `steps` overrides the catalogue's training steps."""
+    sides = []
+    for name in names:
+        spec = VE_ZOO[name] if steps is None else replace(VE_ZOO[name], steps=steps)
+        log(f"{name}: building ...")
+        side = build_ve_model(spec, Path(out) / name, measure_n=measure_n, log=log)
+        log(json.dumps({"name": name, "measured": side["measured"], "seconds": side["seconds"]}))
+        sides.append(side)
+    return sides
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m terd_scan.zoo_families",
-                                 description="Build the score-SDE VE zoo models.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("names", nargs="*", help=f"default all: {', '.join(VE_ZOO)}")
-    b.add_argument("--out", default="examples/zoo-families")
-    b.add_argument("--force", action="store_true")
-    b.add_argument("--measure-n", type=int, default=32)
-    b.add_argument("--steps", type=int, default=None, help="override training steps")
-    args = ap.parse_args(argv)
-    names = args.names or list(VE_ZOO)
-    unknown = [n for n in names if n not in VE_ZOO]
-    if unknown:
-        print(f"unknown VE zoo model(s) {unknown}; choose from {list(VE_ZOO)}", file=sys.stderr)
-        return 2
-    for n in names:
-        d = Path(args.out) / n
-        if (d / SIDECAR).is_file() and not args.force:
-            print(f"{n}: exists, skipping")
-            continue
-        spec = VE_ZOO[n]
-        if args.steps:
-            spec = VESpec(**{**{f.name: getattr(spec, f.name) for f in fields(spec)}, "steps": args.steps})
-        print(f"{n}: building ...", flush=True)
-        side = build_ve_model(spec, d, measure_n=args.measure_n, log=lambda s: print(s, flush=True))
-        print(json.dumps({"name": n, "measured": side["measured"], "seconds": side["seconds"]}), flush=True)
-    return 0
+    return build_command(argv, prog="python -m terd_scan.zoo_families", description="Build the score-SDE VE zoo models.",
+                         catalogue=VE_ZOO, kind="VE", default_out="examples/zoo-families", steps_option=True,
+                         build=lambda names, out, n, steps, log: build_ve_models(names, out, measure_n=n, steps=steps,
+                                                                                 log=log))
 
 
 if __name__ == "__main__":

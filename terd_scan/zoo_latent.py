@@ -47,11 +47,9 @@ CLI: ``python -m terd_scan.zoo_latent build [NAMES...] --out examples/zoo-famili
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -63,6 +61,7 @@ from .zoo import BETA_END, BETA_START, DDPMSpec, warmup_cosine
 from .zoo import _train as zoo_train
 from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, T_STEPS, TARGETS, ZOO_FORMAT,
                   _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, sample_ddpm)
+from .zoo_cli import build_command
 from .zoo_data import make_images
 
 __all__ = ["LatentSpec", "LATENT_ZOO", "make_autoencoder", "train_autoencoder", "make_latent_unet",
@@ -332,26 +331,10 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m terd_scan.zoo_latent",
-                                 description="Build the latent-diffusion zoo models (tiny LDMPipelines).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("names", nargs="*", help=f"default all: {', '.join(LATENT_ZOO)}")
-    b.add_argument("--out", default=DEFAULT_OUT)
-    b.add_argument("--force", action="store_true", help="rebuild models that already exist")
-    b.add_argument("--measure-n", type=int, default=32)
-    args = ap.parse_args(argv)
-    names = args.names or list(LATENT_ZOO)
-    unknown = [n for n in names if n not in LATENT_ZOO]
-    if unknown:
-        print(f"unknown latent zoo model(s) {unknown}; choose from {list(LATENT_ZOO)}", file=sys.stderr)
-        return 2
-    todo = [n for n in names if args.force or not (Path(args.out) / n / SIDECAR).is_file()]
-    for n in sorted(set(names) - set(todo)):
-        print(f"{n}: exists, skipping (use --force to rebuild)")
-    if todo:
-        build_latent_models(todo, args.out, measure_n=args.measure_n, log=lambda s: print(s, flush=True))
-    return 0
+    return build_command(argv, prog="python -m terd_scan.zoo_latent",
+                         description="Build the latent-diffusion zoo models (tiny LDMPipelines).",
+                         catalogue=LATENT_ZOO, kind="latent", default_out=DEFAULT_OUT,
+                         build=lambda names, out, n, _steps, log: build_latent_models(names, out, measure_n=n, log=log))
 
 
 if __name__ == "__main__":
