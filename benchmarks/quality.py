@@ -9,7 +9,8 @@ and holdout models are reported apart (the holdout rows are the ones that count)
 the rows are cached under the changed settings, and as the shipped reference does not hold for
 them, each model is judged against thresholds made the shipped way (mu + 3 sigma) from the run's
 own calibration benign models of its reference family (seed 0 only, where the shipped reference
-also has seed 1). --shard K/N reverses only every N-th model from the K-th and writes no results:
+also has seed 1). Verdict settings (basin_gate, basin_pairs, basin_min_barrier) leave the reversion
+alone: their rows share the cache and the shipped reference judges them. --shard K/N reverses only every N-th model from the K-th and writes no results:
 N processes fill the cache side by side, then one run without --shard reads it.
 
 Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo models built with
