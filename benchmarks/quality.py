@@ -229,11 +229,16 @@ def _name_part(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def changes_reversion(overrides: dict) -> bool:
+    """Whether the overrides change the reversion (and so its features), not only the verdict's basin test."""
+    return any(k not in VERDICT_SETTINGS for k in overrides)
+
+
 def reference_thresholds(preset: str, ref_family: str, overrides: dict, rows: list[dict]) -> dict:
     """The shipped reference's thresholds, or with reversion overrides (which it does not hold for) mu + 3 sigma
     over this run's calibration benign rows of the family. Verdict settings (the basin test) leave the features,
     so the shipped reference holds for them."""
-    if any(k not in VERDICT_SETTINGS for k in overrides):
+    if changes_reversion(overrides):
         benign = [r for r in rows if r["label"] == "benign" and r["split"] == "calibration"]
         if len(benign) < 2:
             bad_input(f"--set needs at least 2 calibration benign {ref_family} models among the models run")
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/quality.py " + " ".join(f"--preset {p}" for p in presets) + \
         "".join(f" --set {kv}" for kv in args.set) + \
         "".join(f" --zoo {d}" for d in args.zoo) + "".join(f" --model {m}" for m in args.model)
-    md = markdown(summary, command, own_thresholds=any(k not in VERDICT_SETTINGS for k in overrides))
+    md = markdown(summary, command, own_thresholds=changes_reversion(overrides))
     if len(presets) > 1:
         md += "\n" + verdict_markdown(verdicts_by_model(rows), presets)
     print("\n" + md)

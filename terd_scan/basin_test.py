@@ -46,11 +46,11 @@ class BasinTest:
     loss: list[float]  # TERD's pair loss along the line
     objective: list[float]  # loss - lambda ||r_s||_1
     barrier: float  # the inner wall, see the module docstring
+    wall: float  # the outer wall, see the module docstring
     min_barrier: float
     basin: bool  # held: barrier or wall above min_barrier
     pairs: int
     network_evaluations: int
-    wall: float = float("nan")  # the outer wall, see the module docstring
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +74,8 @@ def basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, l1_weight: float,
     wall = (objective[-1] - objective[END]) / scale
     held = barrier > min_barrier or wall > min_barrier  # False when either is NaN and the other is not above
     return BasinTest(scales=list(SCALES), loss=loss, objective=objective, barrier=_rounded(barrier),
-                     min_barrier=min_barrier, basin=bool(held), pairs=pairs,
-                     network_evaluations=denoiser.evaluations - start, wall=_rounded(wall))
+                     wall=_rounded(wall), min_barrier=min_barrier, basin=bool(held), pairs=pairs,
+                     network_evaluations=denoiser.evaluations - start)
 
 
 def _rounded(value: float) -> float:

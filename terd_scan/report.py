@@ -177,7 +177,7 @@ def render_console(report: dict, console) -> None:
     bt = report.get("basin_test")
     if bt:
         info.add_row("basin test", f"on the line from N(0, I) through the trigger ({bt['pairs']} noise pairs), barrier "
-                                   f"{bt['barrier']:.3g} before it, wall {bt.get('wall', float('nan')):.3g} beyond it "
+                                   f"{bt['barrier']:.3g} before it, wall {bt['wall']:.3g} beyond it "
                                    f"(held above {bt['min_barrier']:g}): "
                                    + ("held, the KL verdict stands" if bt["basin"] else
                                       "not held, so a KL over the thresholds does not flag the model"))

@@ -84,7 +84,7 @@ def _reference():
 
 def test_judge_flags_a_kl_over_the_thresholds_only_with_a_basin():
     over, under = Features(0.5, 0.0), Features(0.001, 0.0)
-    basin = bt.BasinTest(scales=[], loss=[], objective=[], barrier=0.3, min_barrier=0.02, basin=True, pairs=64,
+    basin = bt.BasinTest(scales=[], loss=[], objective=[], barrier=0.3, wall=0.1, min_barrier=0.02, basin=True, pairs=64,
                          network_evaluations=0)
     flat = bt.BasinTest(**{**basin.to_dict(), "barrier": -0.01, "wall": -0.003, "basin": False})
     assert judge(over, _reference()).verdict == BACKDOORED  # no test: the paper's rule
