@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_scan import markdown  # noqa: E402
 from zoo_scans import ROOT, reverse_zoo_model, zoo_models  # noqa: E402
 
-from terd_scan.basin_test import BasinTest  # noqa: E402
+from terd_scan.basin_test import BasinOutcome  # noqa: E402
 from terd_scan.detection import Features, judge  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
@@ -62,10 +62,10 @@ def main() -> None:
                                     f"\n\n" + md + "\n")
 
 
-def _basin(row: dict) -> BasinTest | None:
+def _basin(row: dict) -> BasinOutcome | None:
     """The row's basin test (the preset's verdict condition, kept in the cached row), or None when it was off."""
     summary = row.get("basin")
-    return None if summary is None else BasinTest(scales=[], loss=[], objective=[], **summary)
+    return None if summary is None else BasinOutcome(**summary)
 
 
 def _fmt(r: dict) -> str:

@@ -148,7 +148,7 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
         rates = detection_rates(reversed_trigger, true_trigger, n=1000, seed=0)
         row["input_tpr"], row["input_tnr"] = rates["tpr"], rates["tnr"]
     if rev.basin is not None:
-        row["basin"] = _basin_summary(rev.basin)
+        row["basin"] = rev.basin.outcome().to_dict()
         row["network_evaluations"] += rev.basin.network_evaluations
     CACHE.mkdir(parents=True, exist_ok=True)
     # the trigger too, so a later verdict setting (the basin test) can be judged without reversing again
@@ -163,11 +163,6 @@ def trigger_cache_path(row_path: Path) -> Path:
     return row_path.with_suffix(".trigger.safetensors")
 
 
-def _basin_summary(test) -> dict:
-    return {"barrier": test.barrier, "wall": test.wall, "basin": test.basin, "min_barrier": test.min_barrier,
-            "pairs": test.pairs, "network_evaluations": test.network_evaluations}
-
-
 def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, seed: int) -> dict:
     """A cached row judged by the basin test on its cached trigger (which must be the row's: same features)."""
     features = kl_features(trigger.r, trigger.gamma)
@@ -177,5 +172,5 @@ def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, see
     denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
     test = scan_basin_test(denoiser, trigger.r, trigger.gamma, settings, seed)
     earlier = row.get("basin", {}).get("network_evaluations", 0)  # a test made before the outer wall, replaced
-    return {**row, "basin": _basin_summary(test),
+    return {**row, "basin": test.outcome().to_dict(),
             "network_evaluations": row["network_evaluations"] - earlier + test.network_evaluations}

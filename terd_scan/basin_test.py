@@ -41,6 +41,20 @@ BASIN_SEED_OFFSET = 5_000_003  # its own noise pairs, as the searches have (reve
 
 
 @dataclass
+class BasinOutcome:
+    """What the verdict reads from a basin test (detection.judge); a cached benchmark row keeps only this."""
+    barrier: float
+    wall: float
+    min_barrier: float
+    basin: bool  # held: barrier or wall above min_barrier
+    pairs: int
+    network_evaluations: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class BasinTest:
     scales: list[float]
     loss: list[float]  # TERD's pair loss along the line
@@ -54,6 +68,10 @@ class BasinTest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def outcome(self) -> BasinOutcome:
+        return BasinOutcome(barrier=self.barrier, wall=self.wall, min_barrier=self.min_barrier, basin=self.basin,
+                            pairs=self.pairs, network_evaluations=self.network_evaluations)
 
 
 def basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, l1_weight: float, pairs: int, window: int,

@@ -48,7 +48,7 @@ class Verdict:
 
 def judge(features: Features, reference: Reference, basin=None) -> Verdict:
     """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V. With a
-    basin test (basin_test.BasinTest, settings.basin_gate: on in `standard`), a KL over the thresholds flags only
+    basin test (basin_test.BasinTest or its BasinOutcome, settings.basin_gate: on in `standard`), a KL over the thresholds flags only
     a reversed trigger that TERD's objective holds; otherwise the verdict is clean and the reasons say why."""
     th = reference.thresholds()
     reasons = []

@@ -84,15 +84,24 @@ def _reference():
 
 def test_judge_flags_a_kl_over_the_thresholds_only_with_a_basin():
     over, under = Features(0.5, 0.0), Features(0.001, 0.0)
-    basin = bt.BasinTest(scales=[], loss=[], objective=[], barrier=0.3, wall=0.1, min_barrier=0.02, basin=True, pairs=64,
-                         network_evaluations=0)
-    flat = bt.BasinTest(**{**basin.to_dict(), "barrier": -0.01, "wall": -0.003, "basin": False})
+    basin = bt.BasinOutcome(barrier=0.3, wall=0.1, min_barrier=0.02, basin=True, pairs=64, network_evaluations=0)
+    flat = bt.BasinOutcome(**{**basin.to_dict(), "barrier": -0.01, "wall": -0.003, "basin": False})
     assert judge(over, _reference()).verdict == BACKDOORED  # no test: the paper's rule
     assert judge(over, _reference(), basin).verdict == BACKDOORED
     v = judge(over, _reference(), flat)
     assert v.verdict == CLEAN and "mean KL" in v.reasons[0] and "does not hold" in v.reasons[-1]
     assert "barrier -0.01" in v.reasons[-1] and "wall -0.003" in v.reasons[-1]
     assert judge(under, _reference(), flat) == judge(under, _reference())  # under the thresholds: nothing to gate
+
+
+def test_a_tests_outcome_is_what_the_verdict_reads(monkeypatch):
+    """A cached benchmark row keeps only the outcome (benchmarks/zoo_scans.py); it judges like the whole test."""
+    over = Features(0.5, 0.0)
+    for shape in (lambda s: 4.0 + 4.0 * (1 - abs(2 * s - 1)), lambda s: 3.0 - 0.1 * s):
+        test = _shaped(monkeypatch, shape)
+        outcome = test.outcome()
+        assert outcome.to_dict() == {k: v for k, v in test.to_dict().items() if k not in ("scales", "loss", "objective")}
+        assert judge(over, _reference(), outcome) == judge(over, _reference(), test)
 
 
 def test_the_gate_is_on_in_standard_only():
