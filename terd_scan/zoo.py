@@ -773,6 +773,14 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     _bd("baddiffusion-box-p05-corner-c", "box", "corner", poison_rate=0.05, batch_size=40, image_set="gradients",
         seed=213, steps=4500, split="holdout"),
     ZooSpec("benign-u", image_set="gradients", seed=215, split="holdout"),
+    # blind holdouts of 2026-12-04 (late), specs committed before they were built or scanned, with the method
+    # unchanged since the outer wall: recipes measured to fire (baddiffusion-box-hat's, trojdiff-blend-hat's) on
+    # other image sets and seeds, and a benign model on `checkers`
+    _bd("baddiffusion-box-hat-c", "box", "hat", poison_rate=0.3, image_set="checkers", seed=219,
+        steps=4500, split="holdout"),
+    _bd("trojdiff-blend-hat-gradients", "blend", "hat", attack="trojdiff", poison_rate=0.3,
+        image_set="gradients", seed=221, steps=4500, split="holdout"),
+    ZooSpec("benign-v", image_set="checkers", seed=223, split="holdout"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
