@@ -781,6 +781,12 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     _bd("trojdiff-blend-hat-gradients", "blend", "hat", attack="trojdiff", poison_rate=0.3,
         image_set="gradients", seed=221, steps=4500, split="holdout"),
     ZooSpec("benign-v", image_set="checkers", seed=223, split="holdout"),
+    # two more, specs committed before they were built or scanned: villan-box-corner-checkers-6k's recipe on another
+    # seed, and a benign model on the VillanDiffusion schedule (betas to 0.01; benign-p is the only other one)
+    _bd("villan-box-corner-checkers-g", "box", "corner", attack="villan-ddim", poison_rate=0.3,
+        image_set="checkers", seed=225, steps=6000, split="holdout", beta_end=0.01),
+    ZooSpec("benign-w", image_set="gradients", seed=227, beta_end=0.01, split="holdout",
+            note="linear betas 1e-4..0.01 (DDIM samples well on it)"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
