@@ -3,7 +3,7 @@
 
 TERD flags a model when the reversed N(r, gamma^2) is far from N(0, I) in KL. The KL says how far
 the descent went, not why. On every backdoored zoo model the pair loss at the true trigger is higher
-than at r = 0 (45/45, benchmarks/trigger_line.py): a reversion holds a trigger only where the objective
+than at r = 0 (50/50, benchmarks/trigger_line.py): a reversion holds a trigger only where the objective
 O = L - lambda ||r||_1 has a wall: a barrier that separates it from the benign noise, or a rise just
 beyond it. Where it has neither, the descent's end point is a drift of the benign optimum: the L1 term's
 outward push against a flat loss, or a direction in which this model's loss is a little lower (the
