@@ -28,7 +28,7 @@ whose objective falls all the way from N(0, I) (villan-box-corner-d, the VE mode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -43,22 +43,6 @@ BASIN_SEED_OFFSET = 5_000_003  # its own noise pairs, as the searches have (reve
 @dataclass
 class BasinOutcome:
     """What the verdict reads from a basin test (detection.judge); a cached benchmark row keeps only this."""
-    barrier: float
-    wall: float
-    min_barrier: float
-    basin: bool  # held: barrier or wall above min_barrier
-    pairs: int
-    network_evaluations: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class BasinTest:
-    scales: list[float]
-    loss: list[float]  # TERD's pair loss along the line
-    objective: list[float]  # loss - lambda ||r_s||_1
     barrier: float  # the inner wall, see the module docstring
     wall: float  # the outer wall, see the module docstring
     min_barrier: float
@@ -69,9 +53,16 @@ class BasinTest:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+@dataclass(kw_only=True)
+class BasinTest(BasinOutcome):
+    """The outcome and the line it was read from."""
+    scales: list[float]
+    loss: list[float]  # TERD's pair loss along the line
+    objective: list[float]  # loss - lambda ||r_s||_1
+
     def outcome(self) -> BasinOutcome:
-        return BasinOutcome(barrier=self.barrier, wall=self.wall, min_barrier=self.min_barrier, basin=self.basin,
-                            pairs=self.pairs, network_evaluations=self.network_evaluations)
+        return BasinOutcome(**{f.name: getattr(self, f.name) for f in fields(BasinOutcome)})
 
 
 def basin_test(denoiser, r: torch.Tensor, gamma: torch.Tensor, l1_weight: float, pairs: int, window: int,
