@@ -1,5 +1,5 @@
 """How a zoo model samples with each sampler, and how well its backdoor fires with each: the
-measurements behind ZooSpec.beta_end and the VillanDiffusion zoo models (README, "The zoo").
+measurements behind ZooSpec.beta_end and the VillanDiffusion zoo models (docs/QUALITY.md, "The zoo in detail").
 
     python benchmarks/sampler_check.py examples/zoo/villan-box-corner [--n 16] [--seed 1]
 

@@ -19,7 +19,7 @@ loss between N(0, I) and the trigger, L_max = max_{s <= 1} L(s):
     wall    = (O(1.2) - O(1)) / L_max                              the outer wall
 
 and the trigger is held (`basin`) when either exceeds basin_min_barrier (2%, the patch search's margin).
-Measured on the `standard` reversions of the 78 zoo models (README, "Basin test"): the 30 benign models
+Measured on the `standard` reversions of the 78 zoo models (docs/METHOD.md, "Basin test"): the 30 benign models
 have barriers -0.032 to -0.006 and walls -0.016 to +0.010 (three sets of noise pairs); every flagged
 backdoored one but the p = 2% box (its trigger not found) is held, the found VillanDiffusion triggers
 whose objective falls all the way from N(0, I) (villan-box-corner-d, the VE models) by their outer wall

@@ -67,7 +67,7 @@ class ReversionSettings:
     # TERD's objective holds the reversed trigger: on the line from N(0, I) through it, a barrier before it or a
     # wall just beyond it (> basin_min_barrier x the line's highest loss), measured on basin_pairs noise pairs.
     # It reads the reversion's result and changes nothing in it. On in `standard` (it clears benign-n's drift;
-    # README, "Basin test"), off in `paper` (the paper's rule) and `fast` (its benign flags are starts that did not
+    # docs/METHOD.md, "Basin test"), off in `paper` (the paper's rule) and `fast` (its benign flags are starts that did not
     # decay, which have a wall too: benign-n +0.062, benign-p +0.026).
     basin_gate: bool = False
     basin_pairs: int = 64
@@ -86,7 +86,7 @@ PRESETS: dict[str, ReversionSettings] = {
     "paper": ReversionSettings(),
     # lambda 2e-3, not the paper's 5e-5: on the 16 px zoo the pair loss at the last timesteps rises
     # along some BadDiffusion triggers, and at 5e-5 the L1 term (its gradient ~1% of the loss's) does
-    # not hold r against that rise over 600 iterations (README, "TERD's L1 weight lambda").
+    # not hold r against that rise over 600 iterations (docs/QUALITY.md, "TERD's L1 weight lambda").
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1, l1_weight=2e-3,
                                   patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
                                   dip_search=True, basin_gate=True),

@@ -111,7 +111,7 @@ class Reference:
 
 # Shipped references per model family: pixel-space models are judged against pixel-space benign
 # models, latent diffusion against latent benign models (the KL features are per dimension, but how
-# fast a benign start decays differs between the two; measured in README "Detection quality").
+# fast a benign start decays differs between the two; measured in docs/QUALITY.md, "Detection quality on the zoo").
 FAMILY_PREFIX = {"pixel": "", "latent": "latent-"}
 
 

@@ -265,7 +265,7 @@ def _held_gamma_sweep(denoiser, s: ReversionSettings, probe, seconds: dict, gen:
     Unseeded: on trojdiff-smiley-hat-checkers (a holdout then, ASR 31/32) no constant offset lowers the loss
     as the noise narrows (best ratio 1.64), yet the sweep from that offset keeps gamma 0.6 at end
     ratio 0.17 with cosine 0.94 to the trigger; on the 26 benign zoo models (pixel, latent, VE) it
-    ends at 0.97-3.28 and is not kept (README, "Narrow-noise search")."""
+    ends at 0.97-3.28 and is not kept (docs/METHOD.md, "Narrow-noise search")."""
     gammas = [float(g) for g in s.narrow_gammas]
     if stop_at_rise:  # from the widest
         gammas.sort(reverse=True)

@@ -199,7 +199,7 @@ class TestBenignFineTune(ZooModel):
 
 
 # flagged by the standard preset until its L1 weight went from the paper's 5e-5 to 2e-3 (1.02 -> 0.94 x the
-# threshold, each with its own reference of 10 benign models x 2 seeds); README, "TERD's L1 weight lambda"
+# threshold, each with its own reference of 10 benign models x 2 seeds); docs/QUALITY.md, "TERD's L1 weight lambda"
 class TestBenignHoldout(ZooModel):
     name = "benign-e"
 
