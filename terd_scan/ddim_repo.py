@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from .errors import ScanError
+from .errors import ScanError, UnsupportedModelError
 
 RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
           "nin_shortcut": "conv_shortcut"}
@@ -138,6 +138,89 @@ def infer_config(sd: dict, rel: str) -> tuple[dict, list[str]]:
     note = (f"{rel}: architecture inferred from the weights: ch={int(ch)}, ch_mult={ch_mult}, num_res_blocks={num_res}, "
             f"attention at levels {attn_levels}, resolution {how}")
     return cfg, [note]
+
+
+TRAINING_CONFIG_NAME = "config.yml"  # what the DDIM repo's main.py writes beside ckpt.pth in its log folder
+# The DDIM repo's beta schedules (runners/diffusion.py, get_beta_schedule), computed as it does (float64)
+# and handed to the scheduler as trained_betas: diffusers' DDIMScheduler has no "sigmoid" and no "const".
+# "jsd" (1/T, ..., 1) ends at beta = 1, where no noise level is left to reverse: not supported.
+BETA_SCHEDULES = {
+    "linear": lambda b0, b1, n: torch.linspace(b0, b1, n, dtype=torch.float64),
+    "quad": lambda b0, b1, n: torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2,
+    "sigmoid": lambda b0, b1, n: torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float64)) * (b1 - b0) + b0,
+    "const": lambda b0, b1, n: torch.full((n,), b1, dtype=torch.float64),
+}
+
+
+def from_training_config(cfg: dict, inferred: dict, rel: str) -> tuple[dict, dict, list[str]]:
+    """The UNet config and the DDPM scheduler config of a checkpoint from the config.yml it was trained
+    with (the DDIM repo's data/model/diffusion sections). The architecture must agree with the one read
+    from the weights (`inferred`, from infer_config); the config adds what the weights cannot tell: the
+    image size and the noise schedule."""
+    data, model, diffusion = (_section(cfg, k, rel) for k in ("data", "model", "diffusion"))
+    size = _field(data, "image_size", int, rel, "data")
+    if not 4 <= size <= 4096:
+        raise ScanError(f"{rel}: data.image_size must be 4..4096, got {size}; fix the config")
+    if model.get("resamp_with_conv", True) is not True:
+        raise UnsupportedModelError(f"not supported yet: {rel} trains with resamp_with_conv: false (average-pool "
+                                    "resampling), which has no UNet2DModel equivalent")
+    ch = _field(model, "ch", int, rel, "model")
+    mult = _field(model, "ch_mult", list, rel, "model")
+    attn_res = _field(model, "attn_resolutions", list, rel, "model")
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in mult) or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in attn_res):
+        raise ScanError(f"{rel}: model.ch_mult and model.attn_resolutions must be lists of integers; fix the config")
+    res, attn = size, []
+    for _ in mult:  # the DDIM repo's Model: attention where the level's resolution is listed, then halve
+        attn.append(res in attn_res)
+        res //= 2
+    said = {"block_out_channels": [ch * m for m in mult],
+            "layers_per_block": _field(model, "num_res_blocks", int, rel, "model"),
+            "in_channels": _field(model, "in_channels", int, rel, "model"),
+            "out_channels": _field(model, "out_ch", int, rel, "model"),
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]}
+    for key, value in said.items():
+        have = list(inferred[key]) if isinstance(value, list) else inferred[key]
+        if have != value:
+            raise ScanError(f"{rel} does not describe the checkpoint beside it: {key} is {value} by the config, "
+                            f"{inferred[key]} in the weights; use the config.yml it was trained with, or --config")
+    unet_cfg = {**inferred, "sample_size": size}
+    kind = _field(diffusion, "beta_schedule", str, rel, "diffusion")
+    if kind not in BETA_SCHEDULES:
+        raise UnsupportedModelError(f"not supported yet: {rel} uses the DDIM repo's '{kind}' beta schedule (supported: "
+                                    f"{', '.join(BETA_SCHEDULES)})")
+    var = model.get("var_type", "fixedlarge")
+    b0, b1 = (_field(diffusion, k, float, rel, "diffusion") for k in ("beta_start", "beta_end"))
+    n = _field(diffusion, "num_diffusion_timesteps", int, rel, "diffusion")
+    if not (0.0 < b0 < 1.0 and 0.0 < b1 < 1.0 and 1 <= n <= 100_000):
+        raise ScanError(f"{rel}: diffusion.beta_start and beta_end must lie in (0, 1) and num_diffusion_timesteps in "
+                        "1..100000; fix the config")
+    sched_cfg = {"_class_name": "DDPMScheduler", "trained_betas": BETA_SCHEDULES[kind](b0, b1, n).tolist(),
+                 "beta_start": b0, "beta_end": b1, "num_train_timesteps": n,
+                 "prediction_type": "epsilon", "clip_sample": False,
+                 "variance_type": "fixed_large" if var == "fixedlarge" else "fixed_small"}
+    note = (f"{rel}: image size {size} px and noise schedule ({kind} betas {sched_cfg['beta_start']:g}.."
+            f"{sched_cfg['beta_end']:g}, {sched_cfg['num_train_timesteps']} steps) from the DDIM repo's training "
+            "config; its architecture matches the weights")
+    return unet_cfg, sched_cfg, [note]
+
+
+def _section(cfg: dict, key: str, rel: str) -> dict:
+    sec = cfg.get(key)
+    if not isinstance(sec, dict):
+        raise ScanError(f"{rel}: no '{key}' section; not a DDIM-repo training config (pass --config with a UNet "
+                        "config.json instead)")
+    return sec
+
+
+def _field(sec: dict, key: str, kind: type, rel: str, where: str):
+    v = sec.get(key)
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+          if kind is float else isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+    if not ok:
+        raise ScanError(f"{rel}: {where}.{key} must be {'a number' if kind is float else 'a ' + kind.__name__}, "
+                        f"got {v!r:.40}; fix the config")
+    return float(v) if kind is float else v
 
 
 def to_diffusers(sd: dict, levels: int, rel: str = "checkpoint") -> dict:

@@ -13,7 +13,9 @@ Layouts:
   bare UNet         config.json + weights [+ scheduler_config.json]  (else default DDPM schedule)
   single file       x.safetensors with config= or a config.json beside it
   DDIM repo         ckpt.pth of ermongroup/ddim / TrojDiff (a pickled list; --allow-pickle), the file or
-                    its folder; architecture from --config or inferred from the weights (ddim_repo.py)
+                    its folder; architecture from --config, else from the config.yml the DDIM repo writes
+                    beside it (checked against the weights; it also gives the noise schedule), else
+                    inferred from the weights (ddim_repo.py)
   score-SDE VE      any of the above with a ScoreSdeVeScheduler config and a Fourier-embedding UNet
   consistency       ConsistencyModelPipeline folder: model_index.json + unet/ + scheduler/ with a
                     CMStochasticIterativeScheduler (or any layout above with that scheduler config);
@@ -502,19 +504,30 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
     notes.extend(more)
     del obj
     levels = ddim_repo.count_levels(sd, rel_w)
+    training = None if config else _ddim_training_config(reader, src, sd, rel_w, notes)  # config.yml beside it
     if config:
         unet_cfg = reader.json(os.path.abspath(config), "config", "UNet config")
         safety.check_unet_config(unet_cfg, config)
         notes.append(f"UNet config from {config} (--config)")
+        yml = os.path.join(os.path.dirname(src.weights_file), ddim_repo.TRAINING_CONFIG_NAME)
+        if os.path.isfile(yml):
+            notes.append(f"{reader.rel(yml)} not read: --config was given")
         cfg_where = config
+    elif training is not None:
+        unet_cfg, cfg_where = training[0], training[2]
+        safety.check_unet_config(unet_cfg, cfg_where)
     else:
         unet_cfg, more = ddim_repo.infer_config(sd, rel_w)
         notes.extend(more)
         safety.check_unet_config(unet_cfg, rel_w)
         cfg_where = rel_w
     sched = os.path.join(src.root, "scheduler_config.json")
-    sched_cfg, schedule_origin = _scheduler_config(reader, sched if os.path.isfile(sched) else None, unet_cfg,
-                                                   cfg_where, notes, ddim_repo.DDIM_REPO_SCHEDULE_NOTE)
+    if training is not None and not os.path.isfile(sched):
+        sched_cfg = safety.check_scheduler_config(training[1], training[2])
+        schedule_origin = f"{training[2]} (the DDIM repo's training config)"
+    else:
+        sched_cfg, schedule_origin = _scheduler_config(reader, sched if os.path.isfile(sched) else None, unet_cfg,
+                                                       cfg_where, notes, ddim_repo.DDIM_REPO_SCHEDULE_NOTE)
     if sched_cfg is not None and schedule_origin == DEFAULT_SCHEDULE_ORIGIN:
         schedule_origin = "default: the DDIM repo's DDPM linear 1e-4..0.02, 1000 steps (no scheduler config found)"
     _check_family(None, sched_cfg, unet_cfg, cfg_where)
@@ -531,6 +544,24 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
     notes.append(f"{rel_w} is a pickle: loaded with torch.load(weights_only=True) because --allow-pickle was given")
     unet = _assign(meta_unet, sd, rel_w)
     return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, None, True, notes)
+
+
+def _ddim_training_config(reader: _Reader, src: ResolvedSource, sd: dict, rel_w: str,
+                          notes: list[str]) -> tuple[dict, dict, str] | None:
+    """(UNet config, scheduler config, its path) from the config.yml the DDIM repo writes beside ckpt.pth,
+    read as YAML data and checked against the weights; None when there is none."""
+    from . import ddim_repo
+
+    path = os.path.join(os.path.dirname(src.weights_file), ddim_repo.TRAINING_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    cfg, rf = safety.read_ddim_yaml_config(path, "DDIM-repo training config", allowed_root=reader._allowed(path))
+    rel = reader.rel(path)
+    reader.files.append(FileRecord(rel, rf.sha256, rf.size, "config", "yaml"))
+    inferred, _ = ddim_repo.infer_config(sd, rel_w)
+    unet_cfg, sched_cfg, more = ddim_repo.from_training_config(cfg, inferred, rel)
+    notes.extend(more)
+    return unet_cfg, sched_cfg, rel
 
 
 def _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, pipeline_class, pickle_loaded,

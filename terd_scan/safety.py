@@ -175,6 +175,58 @@ def read_json_config(path: str, what: str, *, allowed_root: str | None = None) -
     return parse_json_config(rf, what), rf
 
 
+# ---------------------------------------------------------------- DDIM-repo config.yml
+
+
+def _ddim_config_loader():
+    """A YAML loader for data only. The DDIM repo (and TrojDiff, built on it) writes config.yml with
+    yaml.dump of nested argparse.Namespace objects; that one tag is read as a plain mapping (no object is
+    built, nothing is imported or called). Every other python/ tag is refused, as yaml.SafeLoader does."""
+    import yaml
+
+    class DDIMConfigLoader(yaml.SafeLoader):
+        pass
+
+    DDIMConfigLoader.add_constructor("tag:yaml.org,2002:python/object:argparse.Namespace",
+                                     lambda loader, node: loader.construct_mapping(node, deep=True))
+    return DDIMConfigLoader
+
+
+def parse_ddim_yaml_config(rf: ReadFile, what: str) -> dict:
+    """Parse a DDIM-repo config.yml as YAML data (never code) and require a mapping."""
+    import yaml
+
+    try:
+        text = rf.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScanError(f"{what} {_fmt_path(rf.path)} is not UTF-8 text; expected the DDIM repo's YAML config") from None
+    try:
+        obj = yaml.load(text, Loader=_ddim_config_loader())  # noqa: S506 - a SafeLoader subclass, data only
+    except yaml.constructor.ConstructorError as exc:
+        raise UnsafeFileError(f"{what} {_fmt_path(rf.path)} asks YAML to build Python objects ({_yaml_problem(exc)}); "
+                              "terd-scan reads configs as data only: remove the tag or pass --config") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ScanError(f"{what} {_fmt_path(rf.path)} is not valid YAML ({_yaml_problem(exc)}); fix the file or "
+                        "pass --config with a UNet config.json") from None
+    if not isinstance(obj, dict):
+        raise ScanError(f"{what} {_fmt_path(rf.path)} holds a YAML {type(obj).__name__}, expected the DDIM repo's "
+                        "mapping of data/model/diffusion sections; fix the file or pass --config")
+    return obj
+
+
+def _yaml_problem(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem[:120]}" + (f", line {mark.line + 1}" if mark is not None else "")
+
+
+def read_ddim_yaml_config(path: str, what: str, *, allowed_root: str | None = None) -> tuple[dict, ReadFile]:
+    rf = read_bytes(path, limit=MAX_CONFIG_BYTES, what=what, allowed_root=allowed_root)
+    return parse_ddim_yaml_config(rf, what), rf
+
+
 # ---------------------------------------------------------------- model_index.json
 
 

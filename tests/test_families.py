@@ -251,6 +251,89 @@ def test_ddim_repo_bad_checkpoints_are_one_line_errors(tmp_path):
         assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+# The DDIM repo's main.py writes config.yml beside ckpt.pth with yaml.dump of nested argparse.Namespace
+# objects (its dict2namespace): written here the same way.
+def _namespace(d: dict):
+    import argparse
+
+    ns = argparse.Namespace()
+    for k, v in d.items():
+        setattr(ns, k, _namespace(v) if isinstance(v, dict) else v)
+    return ns
+
+
+def _training_config(image_size=16, attn_resolutions=(8,), ch_mult=(1, 2), beta_schedule="quad", beta_end=0.01):
+    return {"data": {"dataset": "CIFAR10", "image_size": image_size, "channels": 3, "rescaled": True},
+            "model": {"type": "simple", "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": list(ch_mult),
+                      "num_res_blocks": 1, "attn_resolutions": list(attn_resolutions), "dropout": 0.1,
+                      "var_type": "fixedlarge", "ema_rate": 0.9999, "ema": True, "resamp_with_conv": True},
+            "diffusion": {"beta_schedule": beta_schedule, "beta_start": 0.0001, "beta_end": beta_end,
+                          "num_diffusion_timesteps": 1000},
+            "training": {"batch_size": 128, "snapshot_freq": 5000}}
+
+
+def _ddim_log_folder(path: Path, config: dict | str) -> Path:
+    import yaml
+
+    path.mkdir()
+    _ddim_ckpt(path / "ckpt.pth", _randomise(DDIMRepoModel(), 1), _randomise(DDIMRepoModel(), 2))
+    text = config if isinstance(config, str) else yaml.dump(_namespace(config), default_flow_style=False)
+    (path / "config.yml").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("kind, formula", [
+    ("quad", lambda b0, b1, n: torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2),
+    ("sigmoid", lambda b0, b1, n: torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float64)) * (b1 - b0) + b0),
+    ("linear", lambda b0, b1, n: torch.linspace(b0, b1, n, dtype=torch.float64)),
+    ("const", lambda b0, b1, n: torch.full((n,), b1, dtype=torch.float64)),
+])
+def test_ddim_repo_training_config_gives_size_and_schedule(tmp_path, kind, formula):
+    """config.yml beside ckpt.pth: the image size (the weights alone would say 32 px: attention at
+    level 1) and the noise schedule, with the DDIM repo's own beta formulas; the file is recorded."""
+    d = _ddim_log_folder(tmp_path / "logs", _training_config(beta_schedule=kind))
+    inferred = load_model(str(d / "ckpt.pth"), allow_pickle=True, config=None)
+    assert inferred.unet_config["sample_size"] == 16
+    m = load_model(str(d), allow_pickle=True)
+    assert m.unet_config["sample_size"] == 16 and m.scheduler_config["beta_end"] == 0.01
+    assert m.schedule_origin == "config.yml (the DDIM repo's training config)"
+    assert any("from the DDIM repo's training config" in n for n in m.provenance.notes)
+    assert ("config.yml", "config") in [(f.path, f.role) for f in m.provenance.files]
+    den = make_denoiser(m)
+    want = torch.cumprod(1 - formula(1e-4, 0.01, 1000), 0).float()
+    assert torch.allclose(den.alphas_cumprod.cpu(), want, rtol=1e-4, atol=1e-6)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 980])  # the same network, now at its own size
+    assert torch.equal(_out(m.unet, x, t), _out(inferred.unet, x, t))
+
+
+def test_ddim_repo_training_config_bad_inputs_are_one_line_errors(tmp_path):
+    marker = tmp_path / "pwned"
+    cases = {
+        "evil": (f"!!python/object/apply:os.system [\"touch {marker}\"]\n", UnsafeFileError, "build Python objects"),
+        "truncated": ("data:\n  image_size: [16, 32\n", ScanError, "not valid YAML"),
+        "list": ("- 1\n- 2\n", ScanError, "holds a YAML list"),
+        "binary": (b"\xff\xfe\x00garbage".decode("latin-1"), ScanError, "not valid YAML"),
+        "mismatch": (_training_config(ch_mult=(1, 1)), ScanError, "block_out_channels is [32, 32] by the config"),
+        "attention": (_training_config(attn_resolutions=(16,)), ScanError, "down_block_types"),
+        "jsd": (_training_config(beta_schedule="jsd"), UnsupportedModelError, "'jsd' beta schedule"),
+        "nosection": ({"data": {"image_size": 16}}, ScanError, "no 'model' section"),
+        "badsize": ({**_training_config(), "data": {"image_size": "16"}}, ScanError, "data.image_size must be a int"),
+    }
+    for name, (config, error, needle) in cases.items():
+        d = _ddim_log_folder(tmp_path / name, config)
+        with pytest.raises(error) as info:
+            load_model(str(d), allow_pickle=True)
+        msg = str(info.value)
+        assert needle in msg and "\n" not in msg, (name, msg)
+    assert not marker.exists()
+    # --config is the way around a config.yml that cannot be used: it is then not read at all
+    cfg = tmp_path / "unet.json"
+    fm.write_json(cfg, {**ddim_repo.infer_config(DDIMRepoModel().state_dict(), "x")[0], "sample_size": 16})
+    m = load_model(str(tmp_path / "evil"), allow_pickle=True, config=str(cfg))
+    assert m.unet_config["sample_size"] == 16 and any("config.yml not read: --config" in n for n in m.provenance.notes)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------ score-SDE VE
 
 
