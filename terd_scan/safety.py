@@ -140,12 +140,16 @@ def sha256_file(path: str) -> str:
 # ---------------------------------------------------------------- JSON configs
 
 
+def _config_text(rf: ReadFile, what: str, expected: str) -> str:
+    try:
+        return rf.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScanError(f"{what} {_fmt_path(rf.path)} is not UTF-8 text; expected {expected}") from None
+
+
 def parse_json_config(rf: ReadFile, what: str) -> dict:
     """Parse JSON data (never code) and require a JSON object."""
-    try:
-        text = rf.data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScanError(f"{what} {_fmt_path(rf.path)} is not UTF-8 text; expected a JSON config file") from None
+    text = _config_text(rf, what, "a JSON config file")
     try:
         obj = json.loads(text, parse_constant=_refuse_constant)
     except _NonFinite as exc:
@@ -196,10 +200,7 @@ def parse_ddim_yaml_config(rf: ReadFile, what: str) -> dict:
     """Parse a DDIM-repo config.yml as YAML data (never code) and require a mapping."""
     import yaml
 
-    try:
-        text = rf.data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScanError(f"{what} {_fmt_path(rf.path)} is not UTF-8 text; expected the DDIM repo's YAML config") from None
+    text = _config_text(rf, what, "the DDIM repo's YAML config")
     try:
         obj = yaml.load(text, Loader=_ddim_config_loader())  # noqa: S506 - a SafeLoader subclass, data only
     except yaml.constructor.ConstructorError as exc:
