@@ -12,7 +12,7 @@ term that trades the loss against |r|: at the paper's 5e-5 it is negligible at 1
 sqrt(768) = 0.0014 against a mean slope of the loss along the trigger of (5.5 - 2.3) / ||r_true|| = 0.12). Each lambda is judged
 against thresholds made the shipped way (mu + 3 sigma of M_r and V_r over the calibration benign
 models, seed 0) from its own runs. Reversions are cached in benchmarks/cache/ as for quality.py.
-Writes benchmarks/results/lambda-ablation-<preset>.{json,md}.
+Writes benchmarks/results/lambda-ablation-<preset>.{json,md} (other --lambdas: lambda-ablation-<preset>-<l1>-<l2>...).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from start_ablation import thresholds, write_results  # noqa: E402
 from zoo_scans import ZOO_DIR, reverse_zoo_model, zoo_models  # noqa: E402
 
+DEFAULT_LAMBDAS = "5e-05,0.001,0.002"
 PAPER_RUN_ONLY = {"patch_search": False, "narrow_search": False, "canvas_search": False}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="standard")
-    ap.add_argument("--lambdas", default="5e-05,0.001,0.002")
+    ap.add_argument("--lambdas", default=DEFAULT_LAMBDAS)
     ap.add_argument("--model", action="append", default=[], help="only these zoo models (calibration benign always run)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--no-calibration", action="store_true", help="skip the calibration benign models not named "
@@ -90,7 +91,9 @@ def main() -> None:
         lines.append(f"| {e['model']} | {e['split']} | {e['label']} | "
                      + " | ".join(f"{e['runs'][k]['score']:.2f}" for k in keys) + " | "
                      + " | ".join(fmt(e['runs'][k]['r_cosine']) for k in keys) + " |")
-    write_results(f"lambda-ablation-{args.preset}", command, summary, table, lines)
+    # the default lambdas keep the committed name; other sets get their own file beside it
+    suffix = "" if args.lambdas == DEFAULT_LAMBDAS else "-" + args.lambdas.replace(",", "-")
+    write_results(f"lambda-ablation-{args.preset}{suffix}", command, summary, table, lines)
 
 
 if __name__ == "__main__":

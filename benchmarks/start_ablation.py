@@ -46,8 +46,10 @@ def write_results(name: str, command: str, summary: dict, table: list[dict], lin
     text = "\n".join(lines) + "\n"
     print(text)
     out = ROOT / "benchmarks" / "results" / name
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "summary": summary, "models": table}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text)
+    # not with_suffix: a name may hold dots (lambda-ablation-standard-0.004-0.008)
+    out.parent.joinpath(name + ".json").write_text(json.dumps({"command": command, "summary": summary, "models": table},
+                                                              indent=2) + "\n")
+    out.parent.joinpath(name + ".md").write_text(text)
 
 
 def start_cosine(model_dir: Path, shape: tuple) -> float | None:
