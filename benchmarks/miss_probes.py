@@ -5,6 +5,7 @@ except `sphere`; one thread; the model's own schedule; no x0 clipping.
     python benchmarks/miss_probes.py collapse MODEL_DIR [--noises 32]
     python benchmarks/miss_probes.py stage2 MODEL_DIR [--pairs 16]
     python benchmarks/miss_probes.py sphere MODEL_DIR [--trigger-from MODEL_DIR] [--iterations 200]
+    python benchmarks/miss_probes.py held MODEL_DIR [--gamma 0.1] [--lr 0.05] [--iterations 1000]
 
 collapse: how much samples from N(s r_true, I) vary (mean per-pixel variance over the noises) with
     DDIM eta 0 (10, 50 steps) and DDPM ancestral sampling (10, 50, 1000 steps), at s = 0, 0.5, 1 and at
@@ -17,6 +18,11 @@ sphere: TERD's pair loss on the sphere |r| = |r_true| (of --trigger-from's trigg
     at random directions (Gaussian, the paper's start, 8x8 one-colour patches), then a projected descent from a Gaussian start (normalised tangent steps, cosine step size 0.3 ->
     0.01 radians, 16 fresh pairs an iteration), printing the loss on 32 fixed pairs and the cosine to
     the trigger.
+held: TrojDiff's patch trigger (gamma 0.1): r descended from 0 with gamma held at --gamma (the scan's
+    held-gamma descent, reversion._held_gamma_descents, with `standard`'s settings but --lr and
+    --iterations), then its loss and the true trigger's on 32 common pairs, its cosine to the trigger
+    (overall and on the trigger's support) and its attack success rate with the attack's own sampler
+    (16 samples).
 """
 
 from __future__ import annotations
@@ -119,20 +125,54 @@ def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
             print(f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cos(r):+.3f}", flush=True)
 
 
+def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None:
+    from terd_scan.pair_loss import common_pairs
+    from terd_scan.presets import settings_for
+    from terd_scan.reversion import _held_gamma_descents
+    from terd_scan.zoo import ZOO, measure_asr
+
+    gt = load_ground_truth(model_dir)
+    r_true, g_true = gt["trigger_r"], gt["trigger_gamma"]
+    x0, t, e = common_pairs(den, 32, 10, torch.Generator().manual_seed(5))
+
+    def loss(r: torch.Tensor, g) -> float:
+        with torch.no_grad():
+            return float(pair_losses(den, x0, r, g, t, 1.0, e).mean())
+
+    settings = settings_for("standard", lr=lr, narrow_refine_iterations=iterations)
+    zero = torch.zeros_like(r_true)
+    _, _, run = _held_gamma_descents(den, settings, zero, [gamma], [""], "r = 0", torch.Generator().manual_seed(0), None)
+    support = r_true.abs().sum(0) > 0
+    cos = torch.nn.functional.cosine_similarity
+    spec = ZOO[model_dir.name]
+    asr = measure_asr(den.unet, run.r, run.gamma, gt["target_image"], n=16, sampler=spec.sampler(), benign=False,
+                      beta_end=spec.beta_end)["asr"]
+    print(f"loss: true trigger {loss(r_true, g_true):.2f}, r = 0 at gamma {gamma:g} "
+          f"{loss(zero, torch.full_like(r_true, gamma)):.2f}, descended r {loss(run.r, run.gamma):.2f}\n"
+          f"descended r: cosine {float(cos(run.r.flatten(), r_true.flatten(), dim=0)):.3f} "
+          f"(on the trigger's support {float(cos(run.r[:, support].flatten(), r_true[:, support].flatten(), dim=0)):.3f}), "
+          f"norm {float(run.r.norm()):.2f} (true {float(r_true.norm()):.2f}), ASR with {spec.sampler()} {asr:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=("collapse", "stage2", "sphere"))
+    ap.add_argument("probe", choices=("collapse", "stage2", "sphere", "held"))
     ap.add_argument("model", help="a zoo model folder")
     ap.add_argument("--trigger-from", help="the zoo model whose true trigger is probed (default: MODEL)")
     ap.add_argument("--noises", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=16)
-    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--iterations", type=int, default=None, help="sphere: 200, held: 1000")
+    ap.add_argument("--gamma", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     den = make_denoiser(load_source(args.model, ScanOptions(device="cpu", preview_steps=0)), "cpu")
     r_true = load_ground_truth(Path(args.trigger_from or args.model))["trigger_r"]
     if args.probe == "sphere":
-        sphere(den, r_true, args.iterations)
+        sphere(den, r_true, args.iterations or 200)
+        return
+    if args.probe == "held":
+        held(den, Path(args.model), args.gamma, args.lr, args.iterations or 1000)
         return
     with torch.no_grad():
         (collapse if args.probe == "collapse" else stage2)(den, r_true, args.noises if args.probe == "collapse"
