@@ -217,3 +217,17 @@ def test_shard_is_k_of_n_and_a_bad_one_exits_with_one_line(capsys):
     for bad in ("0/2", "3/2", "1/0", "a/b", "2"):
         _exits_2_with_one_line(capsys, parse_shard, bad, match="K/N")
     assert [_name_part(v) for v in (0.002, 600, True, (0.8, 0.5))] == ["0.002", "600", "True", "0.8,0.5"]
+
+
+def test_result_names_may_hold_dots(tmp_path, monkeypatch):
+    """lambda_ablation names a result by its lambdas (lambda-ablation-standard-0.004-0.008): the dots
+    are part of the name, not a suffix to replace."""
+    import start_ablation
+
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(start_ablation, "ROOT", tmp_path)
+    start_ablation.write_results("lambda-ablation-standard-0.004-0.008", "cmd", {"k": 1}, [], ["| a |"])
+    out = tmp_path / "benchmarks" / "results"
+    assert sorted(p.name for p in out.iterdir()) == ["lambda-ablation-standard-0.004-0.008.json",
+                                                     "lambda-ablation-standard-0.004-0.008.md"]
+    assert (out / "lambda-ablation-standard-0.004-0.008.md").read_text() == "| a |\n"
