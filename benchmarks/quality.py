@@ -41,6 +41,8 @@ from stats import auroc, auroc_interval, wilson  # noqa: E402
 from start_ablation import thresholds as own_thresholds  # noqa: E402
 from zoo_scans import ROOT, VERDICT_SETTINGS, ZOO_DIR, bad_input, reverse_zoo_model, zoo_models  # noqa: E402
 
+from terd_scan.basin_test import BasinOutcome  # noqa: E402
+from terd_scan.detection import trigger_held  # noqa: E402
 from terd_scan.presets import ReversionSettings  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
@@ -69,7 +71,7 @@ def kl_score(row: dict, thresholds: dict) -> float:
 def no_basin(row: dict) -> bool:
     """The row was judged by the basin test (terd_scan/basin_test.py, settings basin_gate) and failed it."""
     basin = row.get("basin")
-    return basin is not None and not basin["basin"]
+    return not trigger_held(None if basin is None else BasinOutcome(**basin))
 
 
 def score(row: dict, thresholds: dict) -> float:

@@ -46,6 +46,13 @@ class Verdict:
         return self.verdict == BACKDOORED
 
 
+def trigger_held(basin) -> bool:
+    """Whether a KL over the thresholds counts as a flag: always without a basin test (basin None: the
+    gate is off), else only where TERD's objective holds the reversed trigger. The one place the gate's
+    rule lives: judge() and the quality benchmark's scores (benchmarks/quality.py) both ask it."""
+    return basin is None or bool(basin.basin)
+
+
 def judge(features: Features, reference: Reference, basin=None) -> Verdict:
     """The paper's benign-only rule: flag when M_r > mu_M + k sigma_M or V_r > mu_V + k sigma_V. With a
     basin test (basin_test.BasinTest or its BasinOutcome, settings.basin_gate: on in `standard`), a KL over the thresholds flags only
@@ -56,7 +63,7 @@ def judge(features: Features, reference: Reference, basin=None) -> Verdict:
         reasons.append(f"mean KL {features.mean_kl:.4g} > threshold {th['mean_kl']:.4g}")
     if features.var_kl > th["var_kl"]:
         reasons.append(f"KL variance {features.var_kl:.4g} > threshold {th['var_kl']:.4g}")
-    if reasons and basin is not None and not basin.basin:
+    if reasons and not trigger_held(basin):
         return Verdict(CLEAN, [*reasons, f"but TERD's objective does not hold the reversed trigger (on the line from "
                                          f"N(0, I) through it, barrier {basin.barrier:.3g} before it and wall "
                                          f"{basin.wall:.3g} beyond it, neither above {basin.min_barrier:g}): "
