@@ -199,9 +199,8 @@ def from_training_config(cfg: dict, inferred: dict, rel: str) -> tuple[dict, dic
                  "beta_start": b0, "beta_end": b1, "num_train_timesteps": n,
                  "prediction_type": "epsilon", "clip_sample": False,
                  "variance_type": "fixed_large" if var == "fixedlarge" else "fixed_small"}
-    note = (f"{rel}: image size {size} px and noise schedule ({kind} betas {sched_cfg['beta_start']:g}.."
-            f"{sched_cfg['beta_end']:g}, {sched_cfg['num_train_timesteps']} steps) from the DDIM repo's training "
-            "config; its architecture matches the weights")
+    note = (f"{rel}: image size {size} px and noise schedule ({kind} betas {b0:g}..{b1:g}, {n} steps) from the "
+            "DDIM repo's training config; its architecture matches the weights")
     return unet_cfg, sched_cfg, [note]
 
 
@@ -214,9 +213,10 @@ def _section(cfg: dict, key: str, rel: str) -> dict:
 
 
 def _field(sec: dict, key: str, kind: type, rel: str, where: str):
+    from .safety import _is_int, _is_number  # the config gate's own type checks
+
     v = sec.get(key)
-    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-          if kind is float else isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+    ok = _is_number(v) if kind is float else _is_int(v) if kind is int else isinstance(v, kind)
     if not ok:
         raise ScanError(f"{rel}: {where}.{key} must be {'a number' if kind is float else 'a ' + kind.__name__}, "
                         f"got {v!r:.40}; fix the config")

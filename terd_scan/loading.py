@@ -504,17 +504,17 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
     notes.extend(more)
     del obj
     levels = ddim_repo.count_levels(sd, rel_w)
-    training = None if config else _ddim_training_config(reader, src, sd, rel_w, notes)  # config.yml beside it
+    yml = os.path.join(os.path.dirname(src.weights_file), ddim_repo.TRAINING_CONFIG_NAME)  # the DDIM repo's
+    training_sched = None
     if config:
         unet_cfg = reader.json(os.path.abspath(config), "config", "UNet config")
         safety.check_unet_config(unet_cfg, config)
         notes.append(f"UNet config from {config} (--config)")
-        yml = os.path.join(os.path.dirname(src.weights_file), ddim_repo.TRAINING_CONFIG_NAME)
         if os.path.isfile(yml):
             notes.append(f"{reader.rel(yml)} not read: --config was given")
         cfg_where = config
-    elif training is not None:
-        unet_cfg, cfg_where = training[0], training[2]
+    elif os.path.isfile(yml):
+        unet_cfg, training_sched, cfg_where = _ddim_training_config(reader, yml, sd, rel_w, notes)
         safety.check_unet_config(unet_cfg, cfg_where)
     else:
         unet_cfg, more = ddim_repo.infer_config(sd, rel_w)
@@ -522,9 +522,9 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
         safety.check_unet_config(unet_cfg, rel_w)
         cfg_where = rel_w
     sched = os.path.join(src.root, "scheduler_config.json")
-    if training is not None and not os.path.isfile(sched):
-        sched_cfg = safety.check_scheduler_config(training[1], training[2])
-        schedule_origin = f"{training[2]} (the DDIM repo's training config)"
+    if training_sched is not None and not os.path.isfile(sched):
+        sched_cfg = safety.check_scheduler_config(training_sched, cfg_where)
+        schedule_origin = f"{cfg_where} (the DDIM repo's training config)"
     else:
         sched_cfg, schedule_origin = _scheduler_config(reader, sched if os.path.isfile(sched) else None, unet_cfg,
                                                        cfg_where, notes, ddim_repo.DDIM_REPO_SCHEDULE_NOTE)
@@ -546,15 +546,12 @@ def _load_ddim_repo(source: str, src: ResolvedSource, reader: _Reader, *, allow_
     return _loaded_model(source, src, reader, unet, sched_cfg, schedule_origin, None, True, notes)
 
 
-def _ddim_training_config(reader: _Reader, src: ResolvedSource, sd: dict, rel_w: str,
-                          notes: list[str]) -> tuple[dict, dict, str] | None:
+def _ddim_training_config(reader: _Reader, path: str, sd: dict, rel_w: str,
+                          notes: list[str]) -> tuple[dict, dict, str]:
     """(UNet config, scheduler config, its path) from the config.yml the DDIM repo writes beside ckpt.pth,
-    read as YAML data and checked against the weights; None when there is none."""
+    read as YAML data and checked against the weights."""
     from . import ddim_repo
 
-    path = os.path.join(os.path.dirname(src.weights_file), ddim_repo.TRAINING_CONFIG_NAME)
-    if not os.path.isfile(path):
-        return None
     cfg, rf = safety.read_ddim_yaml_config(path, "DDIM-repo training config", allowed_root=reader._allowed(path))
     rel = reader.rel(path)
     reader.files.append(FileRecord(rel, rf.sha256, rf.size, "config", "yaml"))
