@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-from terd_scan.denoisers import make_denoiser
-from terd_scan.pair_loss import pair_losses
-from terd_scan.scan import ScanOptions, load_source
-from terd_scan.zoo import load_ground_truth
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_scans import cosine  # noqa: E402
+
+from terd_scan.denoisers import make_denoiser  # noqa: E402
+from terd_scan.pair_loss import pair_losses  # noqa: E402
+from terd_scan.scan import ScanOptions, load_source  # noqa: E402
+from terd_scan.zoo import load_ground_truth  # noqa: E402
 
 
 def _spread(x: torch.Tensor) -> float:
@@ -95,21 +99,19 @@ def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
         with torch.no_grad():
             return float(pair_losses(den, x0_e, r, 1.0, t_e, 1.0, e_e).mean())
 
-    def cos(r: torch.Tensor) -> float:
-        return float(torch.nn.functional.cosine_similarity(r.flatten(), r_true.flatten(), dim=0))
-
     print(f"|r| = {rho:.2f}: loss at r = 0 {fixed_loss(0 * r_true):.3f}, at the trigger's direction "
           f"{fixed_loss(r_true):.3f}", flush=True)
+    def on_sphere(r: torch.Tensor) -> torch.Tensor:
+        return r * (rho / r.norm())
+
     g = torch.Generator().manual_seed(1)
-    on_sphere = lambda r: r * (rho / r.norm())  # noqa: E731
     for name, draw in [("Gaussian", lambda: torch.randn(r_true.shape, generator=g)),
                        ("-U[0,1)", lambda: -torch.rand(r_true.shape, generator=g)),
                        ("8x8 patch", lambda: _random_patch(r_true.shape, g))]:
         losses = sorted(fixed_loss(on_sphere(draw())) for _ in range(5))
         print(f"  random {name} directions: loss {', '.join(f'{v:.2f}' for v in losses)}", flush=True)
     gen = torch.Generator().manual_seed(7)
-    r = torch.randn(r_true.shape, generator=gen)
-    r = r * (rho / r.norm())
+    r = on_sphere(torch.randn(r_true.shape, generator=gen))
     for i in range(iterations + 1):
         step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
         r = r.detach().requires_grad_(True)
@@ -119,10 +121,10 @@ def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
         (grad,) = torch.autograd.grad(pair_losses(den, x0, r, 1.0, t, 1.0, e).mean(), r)
         with torch.no_grad():
             tangent = grad - (grad * r).sum() / (r * r).sum() * r
-            r = r - step * rho * tangent / tangent.norm().clamp_min(1e-12)
-            r = r * (rho / r.norm())
+            r = on_sphere(r - step * rho * tangent / tangent.norm().clamp_min(1e-12))
         if i % 50 == 0:
-            print(f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cos(r):+.3f}", flush=True)
+            print(f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cosine(r, r_true):+.3f}",
+                  flush=True)
 
 
 def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None:
@@ -143,14 +145,13 @@ def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None
     zero = torch.zeros_like(r_true)
     _, _, run = _held_gamma_descents(den, settings, zero, [gamma], [""], "r = 0", torch.Generator().manual_seed(0), None)
     support = r_true.abs().sum(0) > 0
-    cos = torch.nn.functional.cosine_similarity
     spec = ZOO[model_dir.name]
     asr = measure_asr(den.unet, run.r, run.gamma, gt["target_image"], n=16, sampler=spec.sampler(), benign=False,
                       beta_end=spec.beta_end)["asr"]
     print(f"loss: true trigger {loss(r_true, g_true):.2f}, r = 0 at gamma {gamma:g} "
           f"{loss(zero, torch.full_like(r_true, gamma)):.2f}, descended r {loss(run.r, run.gamma):.2f}\n"
-          f"descended r: cosine {float(cos(run.r.flatten(), r_true.flatten(), dim=0)):.3f} "
-          f"(on the trigger's support {float(cos(run.r[:, support].flatten(), r_true[:, support].flatten(), dim=0)):.3f}), "
+          f"descended r: cosine {cosine(run.r, r_true):.3f} "
+          f"(on the trigger's support {cosine(run.r[:, support], r_true[:, support]):.3f}), "
           f"norm {float(run.r.norm()):.2f} (true {float(r_true.norm()):.2f}), ASR with {spec.sampler()} {asr:.2f}")
 
 
@@ -175,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         held(den, Path(args.model), args.gamma, args.lr, args.iterations or 1000)
         return
     with torch.no_grad():
-        (collapse if args.probe == "collapse" else stage2)(den, r_true, args.noises if args.probe == "collapse"
-                                                          else args.pairs)
+        if args.probe == "collapse":
+            collapse(den, r_true, args.noises)
+        else:
+            stage2(den, r_true, args.pairs)
 
 
 if __name__ == "__main__":
