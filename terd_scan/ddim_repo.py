@@ -102,6 +102,20 @@ def _count(sd: dict, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def unet_config(resolution: int, in_ch: int, out_ch: int, block_out_channels: list[int], num_res_blocks: int,
+                attn: list[bool]) -> dict:
+    """The UNet2DModel config that computes the DDIM repo's Model with these sizes (attention per level)."""
+    return {
+        "_class_name": "UNet2DModel", "sample_size": resolution, "in_channels": in_ch, "out_channels": out_ch,
+        "block_out_channels": list(block_out_channels), "layers_per_block": num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
+        "norm_eps": 1e-6, "norm_num_groups": 32, "act_fn": "silu", "time_embedding_type": "positional",
+        "center_input_sample": False, "mid_block_scale_factor": 1, "add_attention": True,
+    }
+
+
 def infer_config(sd: dict, rel: str) -> tuple[dict, list[str]]:
     """A UNet2DModel config from tensor shapes: ch, ch_mult, num_res_blocks, attention levels;
     the resolution from the attention level (DDIM-repo configs put attention at 16 px), else 32 px."""
@@ -125,15 +139,7 @@ def infer_config(sd: dict, rel: str) -> tuple[dict, list[str]]:
     else:
         resolution = DEFAULT_RESOLUTION
         how = f"{resolution} px (default; pass --config to set sample_size)"
-    cfg = {
-        "_class_name": "UNet2DModel", "sample_size": resolution, "in_channels": int(in_ch), "out_channels": int(out_ch),
-        "block_out_channels": mult, "layers_per_block": num_res,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1,
-        "norm_eps": 1e-6, "norm_num_groups": 32, "act_fn": "silu", "time_embedding_type": "positional",
-        "center_input_sample": False, "mid_block_scale_factor": 1, "add_attention": True,
-    }
+    cfg = unet_config(resolution, int(in_ch), int(out_ch), mult, num_res, attn)
     ch_mult = [m // int(ch) for m in mult]
     note = (f"{rel}: architecture inferred from the weights: ch={int(ch)}, ch_mult={ch_mult}, num_res_blocks={num_res}, "
             f"attention at levels {attn_levels}, resolution {how}")

@@ -876,10 +876,12 @@ EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
 # training, building, loading
 # --------------------------------------------------------------------------------------------
 
-def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None) -> dict:
+def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None,
+           raw_out: dict | None = None) -> dict:
     """DDPM training (AdamW, warm-up + cosine, MSE + DC term, EMA) of a zoo spec on data; a backdoored
     spec poisons its batches with `poison` = (r, gamma, target) in the data's units (default: the
-    spec's own trigger and target image)."""
+    spec's own trigger and target image). The unet ends with the EMA weights; `raw_out`, when given,
+    receives the raw (last-step) state dict (a DDIM-repo checkpoint stores both)."""
     torch.manual_seed(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     beta_end = spec.beta_end
@@ -924,6 +926,8 @@ def _train(spec, unet, data: torch.Tensor, log=None, poison: tuple | None = None
         losses.append(float(loss.detach()))
         if log and (i + 1) % 500 == 0:
             log(f"  [{spec.name}] step {i + 1}/{spec.steps} loss {np.mean(losses[-500:]):.4f}")
+    if raw_out is not None:
+        raw_out.update({k: v.detach().clone() for k, v in unet.state_dict().items()})
     ema.copy_to_params()
     unet.eval()
     return {"final_loss_mean_last500": float(np.mean(losses[-500:]))}
