@@ -21,6 +21,7 @@ from terd_scan.errors import ScanError, UnsafeFileError, UnsupportedModelError
 from terd_scan.loading import load_model
 from terd_scan.trigger import Trigger
 from terd_scan.zoo import load_ground_truth
+from terd_scan.zoo_ddim_repo import DDIM_REPO_ZOO
 from terd_scan.zoo_families import VE_ZOO
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "examples" / "zoo"
@@ -629,3 +630,80 @@ class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these
             assert float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)) > 0.8
         else:
             assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
+
+
+class TestScanOfCommittedDDIMRepoBenign:
+    def test_verdict(self, tmp_path):
+        _ddim_zoo_verdict(tmp_path, "ddim-benign", 0)
+
+
+class TestScanOfCommittedDDIMRepoTrojDiff:
+    def test_verdict(self, tmp_path):
+        _ddim_zoo_verdict(tmp_path, "ddim-trojdiff-blend", 1)
+
+
+# The committed DDIM-repo zoo models (examples/zoo-families/ddim-*): the DDIM repo's Model trained with the zoo's
+# recipe and saved as TrojDiff saves it (ckpt.pth: [model, optimizer, epoch, step, EMA] + config.yml).
+def _ddim_zoo_dirs(names=tuple(DDIM_REPO_ZOO)):
+    dirs = [VE_ZOO_DIR / n for n in names]
+    missing = [d.name for d in dirs if not (d / "terd-zoo.json").is_file()]
+    assert not missing, f"rebuild with `python -m terd_scan.zoo_ddim_repo build {' '.join(missing)}`"
+    return dirs
+
+
+def test_committed_ddim_repo_zoo_models():
+    dirs = _ddim_zoo_dirs()
+    truths = [load_ground_truth(d) for d in dirs]
+    assert {t["label"] for t in truths} == {"benign", "backdoored"}
+    for d, truth in zip(dirs, truths):
+        assert truth["split"] == "holdout" and truth["family"] == "ddim-repo", d
+        measured = truth["measured"]
+        if truth["label"] == "benign":
+            assert measured["benign_target_rate_any_zoo_target"] == 0.0, d
+        else:
+            assert measured["asr"] >= 0.9 and measured["n"] >= 32, (d, measured)
+            assert measured["benign_target_rate"] == 0.0, d
+            assert truth["attack"] == "trojdiff" and float(truth["trigger_gamma"].mean()) == pytest.approx(0.6)
+        with pytest.raises(UnsafeFileError):  # ckpt.pth is a pickle: refused without --allow-pickle
+            load_model(str(d))
+        m = load_model(str(d), allow_pickle=True)
+        assert m.provenance.pickle_loaded and m.unet_config["sample_size"] == 16  # from config.yml
+        assert m.schedule_origin == "config.yml (the DDIM repo's training config)"
+        notes = " ".join(m.provenance.notes)
+        arch = truth["architecture"]
+        assert "EMA weights" in notes and "its architecture matches the weights" in notes, notes
+        assert m.unet_config["block_out_channels"] == [arch["ch"] * k for k in arch["ch_mult"]]
+        assert sum(p.numel() for p in m.unet.parameters()) == arch["parameters"]
+        den = make_denoiser(m)
+        assert isinstance(den, DDPMDenoiser) and den.input_shape == (3, 16, 16)
+
+
+# The fast preset and the shipped pixel reference on the committed DDIM-repo pair (holdout), as
+# `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families` measured them.
+# Scores (max feature / threshold) 0.93 for ddim-benign and 10.9 for ddim-trojdiff-blend (r cosine 0.95), seed 0;
+# 144 s and 230 s per scan on one thread. One class each, so --dist loadscope can run them on different workers.
+def _ddim_zoo_verdict(tmp_path, name, code):
+    _ddim_zoo_dirs()
+    res = _cli("model", VE_ZOO_DIR / name, *ZOO_SCAN, "--allow-pickle", "--out", tmp_path / "o")
+    assert res.exit_code == code, res.output
+    rep = json.loads(res.stdout)
+    assert rep["model"]["kind"] == "ddpm" and rep["model"]["input_shape"] == [3, 16, 16]
+    assert rep["source"]["pickle_loaded"] and any("EMA weights" in n for n in rep["source"]["notes"])
+    assert rep["thresholds"]["origin"] == "shipped:fast", rep["thresholds"]
+    f, th = rep["features"], rep["thresholds"]
+    if code == 1:
+        r = Trigger.load(tmp_path / "o" / "trigger.safetensors").r
+        true_r = load_ground_truth(VE_ZOO_DIR / name)["trigger_r"]
+        assert float(torch.nn.functional.cosine_similarity(r.flatten(), true_r.flatten(), dim=0)) > 0.8
+    else:
+        assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
+
+
+class TestScanOfCommittedDDIMRepoBenign:
+    def test_verdict(self, tmp_path):
+        _ddim_zoo_verdict(tmp_path, "ddim-benign", 0)
+
+
+class TestScanOfCommittedDDIMRepoTrojDiff:
+    def test_verdict(self, tmp_path):
+        _ddim_zoo_verdict(tmp_path, "ddim-trojdiff-blend", 1)
