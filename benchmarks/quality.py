@@ -18,7 +18,8 @@ Models: every zoo model under examples/zoo plus any --zoo DIR (a folder of zoo m
 Reversions are cached in benchmarks/cache/.
 Family: "benign", or the attack name, with "-eta<k>" for adaptive triggers scaled by k; latent
 diffusion models get a "latent:" prefix and are judged with the latent reference, as a scan would;
-score-SDE VE models get a "ve:" prefix (ranked against VE benign models) and are judged with the pixel
+score-SDE VE models get a "ve:" prefix (ranked against VE benign models) and DDIM-repo checkpoints
+(ckpt.pth + config.yml, scanned with --allow-pickle) a "ddim-repo:" prefix; both are judged with the pixel
 reference, as a scan judges them. Models of kinds that get no verdict (consistency models) are skipped.
 Score for the AUROC: max(M_r / threshold_M, V_r / threshold_V) against the shipped reference of
 the preset (and model family), so score > 1 is exactly the "backdoored" verdict.
@@ -51,8 +52,8 @@ SPLITS = ("holdout", "calibration", "all")
 
 # sidecar "family" -> the shipped reference family a scan of it is judged with (scan.reference_family;
 # others: no verdict), and the prefix of its rows, so each model kind is ranked against its own benign models
-REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent", "score-sde-ve": "pixel"}
-ROW_PREFIX = {None: "", "latent-diffusion": "latent:", "score-sde-ve": "ve:"}
+REFERENCE_FAMILY = {None: "pixel", "latent-diffusion": "latent", "score-sde-ve": "pixel", "ddim-repo": "pixel"}
+ROW_PREFIX = {None: "", "latent-diffusion": "latent:", "score-sde-ve": "ve:", "ddim-repo": "ddim-repo:"}
 
 
 def family(row: dict) -> str:

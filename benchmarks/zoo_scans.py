@@ -58,6 +58,19 @@ def _keyed_settings(preset: str, overrides: dict | None = None) -> dict:
             if k not in VERDICT_SETTINGS and (k not in LATER_SETTINGS or v != _DEFAULTS[k])}
 
 
+# sidecar families whose weights are a pickle (the DDIM repo's ckpt.pth): the zoo built them, so the scan
+# passes --allow-pickle for them as a user would (the file is still read with torch's weights_only loader)
+PICKLED_FAMILIES = ("ddim-repo",)
+# the files a cached row depends on: weights, and the DDIM repo's config.yml (it sets the resolution)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".yml")
+
+
+def scan_options(model_dir: Path, **kwargs) -> ScanOptions:
+    """CPU scan options for a zoo model; --allow-pickle where its family's layout is a pickle."""
+    family = json.loads((model_dir / "terd-zoo.json").read_text()).get("family")
+    return ScanOptions(device="cpu", allow_pickle=family in PICKLED_FAMILIES, **kwargs)
+
+
 def settings_digest(preset: str, overrides: dict | None = None) -> str:
     """A short hash of the reversion settings a row was made with; it travels with the row into the
     committed results, so benchmarks/seed_cache.py can tell whether a committed row is still valid."""
@@ -70,7 +83,7 @@ def cache_path(model_dir: Path, preset: str, seed: int, overrides: dict | None =
     settings = _keyed_settings(preset, overrides)
     key_src = json.dumps({"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
                           "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                            for p in model_dir.rglob("*.safetensors"))}, sort_keys=True)
+                                            for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)}, sort_keys=True)
     return CACHE / f"{model_dir.name}-{preset}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
 
 
@@ -85,7 +98,7 @@ def _carried_over(model_dir: Path, preset: str, seed: int, overrides: dict) -> d
     before = cache_path(model_dir, preset, seed, {**overrides, "dip_search": False})
     if not before.is_file():
         return None
-    denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
+    denoiser = make_denoiser(load_source(str(model_dir), scan_options(model_dir)), "cpu")
     screen = dip_screen(denoiser, settings, search_generator(seed, DIP_SEED_OFFSET))
     if screen.has_basin:
         return None
@@ -103,7 +116,7 @@ def _carried_over(model_dir: Path, preset: str, seed: int, overrides: dict) -> d
 def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: dict | None = None,
                       use_cache: bool = True) -> dict:
     """Features, cost and trigger-recovery error of one zoo model under one preset."""
-    options = ScanOptions(preset=preset, seed=seed, device="cpu", overrides=dict(overrides or {}), preview_steps=0)
+    options = scan_options(model_dir, preset=preset, seed=seed, overrides=dict(overrides or {}), preview_steps=0)
     gt = load_ground_truth(model_dir)
     cached = cache_path(model_dir, preset, seed, options.overrides)
     settings = settings_for(preset, **options.overrides)
@@ -169,7 +182,7 @@ def _with_basin_test(row: dict, model_dir: Path, trigger: Trigger, settings, see
     if abs(features.mean_kl - row["mean_kl"]) > 1e-4 * abs(row["mean_kl"]) or \
             abs(features.var_kl - row["var_kl"]) > 1e-4 * abs(row["var_kl"]) + 1e-12:
         raise ValueError(f"{model_dir.name}: the cached trigger is not the cached row's (features differ)")
-    denoiser = make_denoiser(load_source(str(model_dir), ScanOptions(device="cpu")), "cpu")
+    denoiser = make_denoiser(load_source(str(model_dir), scan_options(model_dir)), "cpu")
     test = scan_basin_test(denoiser, trigger.r, trigger.gamma, settings, seed)
     earlier = row.get("basin", {}).get("network_evaluations", 0)  # a test made before the outer wall, replaced
     return {**row, "basin": test.outcome().to_dict(),
