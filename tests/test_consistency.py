@@ -288,9 +288,13 @@ def test_committed_cm_zoo_models():
 # r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
 # apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
 # strict xfail so that a fix shows up here. Without --unvalidated a CM is refused (exit 2, tested above).
+# Slow (about a minute each) and no evidence of detection either way, so out of the default run: the
+# --unvalidated path is covered end to end by test_cm_scan_end_to_end_reports_kind_prior_sampler; run these
+# with `python -m pytest -m slow tests/test_consistency.py` (README, "Consistency models", has their numbers).
 CM_ZOO_SCAN = [*ZOO_SCAN, "--unvalidated"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", [
     pytest.param("cm-benign", 0, marks=pytest.mark.xfail(
         strict=True, reason="benign CM flagged under fast (M_r 0.503 from the canvas seed it keeps): r barely moves on a CM")),

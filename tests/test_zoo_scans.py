@@ -194,6 +194,7 @@ class TestBenignCalibration(ZooModel):
         assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
 
+@pytest.mark.slow  # three other benign verdicts stay in the default run; this one's is in the benchmark table
 class TestBenignFineTune(ZooModel):
     name = "benign-f"
 
