@@ -946,6 +946,37 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def partial_dir(out_dir: Path) -> Path:
+    """A fresh `<name>.partial` folder beside out_dir. Every zoo builder writes a model there and
+    publish_model_dir moves it into place, so an interrupted build never leaves a half-written model."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_model_dir(tmp: Path, out_dir: Path, side: dict) -> dict:
+    """Write the sidecar (with the folder's size) into tmp and move tmp to out_dir, replacing an older build."""
+    side["size_bytes"] = _dir_size(tmp) + 2048  # the sidecar itself, approx.
+    (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return side
+
+
+def save_spec_ground_truth(spec: ZooSpec, folder: Path, data: torch.Tensor) -> None:
+    """The poisoned model's trigger (r, gamma) and target, in pixel units, as GROUND_TRUTH in folder."""
+    from safetensors.torch import save_file
+
+    r, gamma = spec.poison_trigger()
+    save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
+               "target": _spec_target(spec, data).contiguous()}, str(folder / GROUND_TRUTH),
+              metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
+                        "trigger_scale": str(spec.trigger_scale)})
+
+
 def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 32,
                 zoo_root: str | os.PathLike | None = None, log=print) -> dict:
     """Train, measure and save one zoo model into out_dir; return the sidecar dict.
@@ -954,7 +985,6 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
     Runs with torch.set_num_threads(1) (restored afterwards).
     """
     from diffusers import DDPMPipeline, UNet2DModel
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
@@ -1005,10 +1035,7 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
             figures["benign_sample_std"] = float(samples[-measure_n:].std())
         total_s = time.time() - t0
 
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = partial_dir(out_dir)
         DDPMPipeline(unet=unet, scheduler=make_scheduler(beta_end=spec.beta_end)).save_pretrained(tmp, safe_serialization=True)
         side = {
             "format": ZOO_FORMAT,
@@ -1028,17 +1055,8 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
             "torch": torch.__version__,
         }
         if spec.label == "backdoored":
-            r, gamma = spec.poison_trigger()
-            save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
-                       "target": _spec_target(spec, data).contiguous()}, str(tmp / GROUND_TRUTH),
-                      metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
-                                "trigger_scale": str(spec.trigger_scale)})
-        side["size_bytes"] = _dir_size(tmp) + 2048  # sidecar itself, approx.
-        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return side
+            save_spec_ground_truth(spec, tmp, data)
+        return publish_model_dir(tmp, out_dir, side)
     finally:
         torch.set_num_threads(threads)
 

@@ -54,10 +54,8 @@ CLI: ``python -m terd_scan.zoo_consistency build [NAMES...] --out examples/zoo-f
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -65,8 +63,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, ZOO_FORMAT, _dir_size,
-                  _per_sample_mse, make_target, make_trigger, nn_mse)
+from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, TARGETS, ZOO_FORMAT,
+                  _per_sample_mse, make_target, make_trigger, nn_mse, partial_dir,
+                  publish_model_dir)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -253,21 +252,13 @@ def _save(spec: CMSpec, out_dir: Path, unet, side: dict, gt: dict | None) -> dic
     from diffusers import ConsistencyModelPipeline
     from safetensors.torch import save_file
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     ConsistencyModelPipeline(unet=unet, scheduler=make_cm_scheduler()).save_pretrained(tmp, safe_serialization=True)
     if gt is not None:
         save_file({k: v.contiguous() for k, v in gt.items()}, str(tmp / GROUND_TRUTH),
                   metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
                             "units": "normalised (x / sqrt(1 + sigma_max^2)); latents = sigma_max (z + trigger_r)"})
-    side["size_bytes"] = _dir_size(tmp) + 2048
-    (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return side
+    return publish_model_dir(tmp, out_dir, side)
 
 
 def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, steps: int | None = None,

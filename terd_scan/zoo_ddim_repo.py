@@ -23,9 +23,7 @@ Scanning needs --allow-pickle (ckpt.pth is a pickle; it is read with torch's wei
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -33,9 +31,9 @@ from pathlib import Path
 import torch
 
 from . import ddim_repo
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, ATTACK_SAMPLERS, BETA_START, CHANNELS, DATASET_SIZE, GROUND_TRUTH,
-                  SIDECAR, SIZE, T_STEPS, TARGETS, TRIGGER_GAMMA, ZOO_FORMAT, ZooSpec, _dir_size, _per_sample_mse,
-                  _spec_target, make_target, measure_asr, nn_mse, sample_ddpm)
+from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, ATTACK_SAMPLERS, BETA_START, CHANNELS, DATASET_SIZE, SIZE, T_STEPS,
+                  TARGETS, TRIGGER_GAMMA, ZOO_FORMAT, ZooSpec, _per_sample_mse, _spec_target, make_target, measure_asr,
+                  nn_mse, partial_dir, publish_model_dir, sample_ddpm, save_spec_ground_truth)
 from .zoo import _train as zoo_train
 from .zoo_cli import build_command
 from .zoo_data import make_images
@@ -123,27 +121,14 @@ def _measure(spec: ZooSpec, unet, data: torch.Tensor, measure_n: int) -> dict:
 
 def _save(spec: ZooSpec, out_dir: Path, raw_unet, ema_unet, side: dict, data: torch.Tensor) -> dict:
     import yaml
-    from safetensors.torch import save_file
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     ddim_repo.save_ddim_checkpoint(tmp / CKPT_NAME, raw_unet, ema_unet, step=spec.steps)
     with open(tmp / ddim_repo.TRAINING_CONFIG_NAME, "w") as f:  # as the DDIM repo's main.py writes it
         yaml.dump(_namespace(training_config(spec)), f, default_flow_style=False)
     if spec.label == "backdoored":
-        r, gamma = spec.poison_trigger()
-        save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
-                   "target": _spec_target(spec, data).contiguous()}, str(tmp / GROUND_TRUTH),
-                  metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
-                            "trigger_scale": str(spec.trigger_scale)})
-    side["size_bytes"] = _dir_size(tmp) + 2048
-    (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return side
+        save_spec_ground_truth(spec, tmp, data)
+    return publish_model_dir(tmp, out_dir, side)
 
 
 def build_ddim_repo_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, steps: int | None = None,

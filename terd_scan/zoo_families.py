@@ -92,7 +92,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -100,8 +99,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, TARGETS, TRIGGER_GAMMA,
-                  ZOO_FORMAT, _dir_size, _per_sample_mse, _schedule, make_target, make_trigger, nn_mse)
+from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, TARGETS, TRIGGER_GAMMA,
+                  ZOO_FORMAT, _per_sample_mse, _schedule, make_target, make_trigger, nn_mse, partial_dir,
+                  publish_model_dir)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -438,10 +438,7 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
             figures["benign_sample_std"] = float(benign.std())
         total_s = time.time() - t0
 
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = partial_dir(out_dir)
         ScoreSdeVePipeline(unet=unet, scheduler=make_ve_scheduler(sigma_max=spec.sigma_max)).save_pretrained(
             tmp, safe_serialization=True)
         side = {
@@ -470,12 +467,7 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
                        "target": make_target(spec.target).contiguous()}, str(tmp / GROUND_TRUTH),
                       metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
                                 "units": "normalised (VP view)"})
-        side["size_bytes"] = _dir_size(tmp) + 2048
-        (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return side
+        return publish_model_dir(tmp, out_dir, side)
     finally:
         torch.set_num_threads(threads)
 

@@ -47,9 +47,7 @@ CLI: ``python -m terd_scan.zoo_latent build [NAMES...] --out examples/zoo-famili
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -59,8 +57,8 @@ import torch
 
 from .zoo import BETA_END, BETA_START, DDPMSpec, warmup_cosine
 from .zoo import _train as zoo_train
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, SIDECAR, T_STEPS, TARGETS, ZOO_FORMAT,
-                  _dir_size, _per_sample_mse, make_scheduler, make_target, nn_mse, sample_ddpm)
+from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, T_STEPS, TARGETS, ZOO_FORMAT,
+                  _per_sample_mse, make_scheduler, make_target, nn_mse, partial_dir, publish_model_dir, sample_ddpm)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -225,10 +223,7 @@ def _save(spec: LatentSpec, out_dir: Path, unet, ae, side: dict, gt: dict | None
     from diffusers import DDIMScheduler, LDMPipeline
     from safetensors.torch import save_file
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out_dir)
     # the attacker's (and the zoo's) schedule; LDMPipeline's own sampler is DDIM, as CompVis/ldm-celebahq-256
     sched = DDIMScheduler.from_config(make_scheduler(beta_end=spec.beta_end).config, clip_sample=False)
     LDMPipeline(vqvae=ae, unet=unet, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
@@ -236,12 +231,7 @@ def _save(spec: LatentSpec, out_dir: Path, unet, ae, side: dict, gt: dict | None
         save_file({k: v.contiguous() for k, v in gt.items()}, str(tmp / GROUND_TRUTH),
                   metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
                             "units": "latent (UNet input units: scaling_factor * encoder mean)"})
-    side["size_bytes"] = _dir_size(tmp) + 2048
-    (tmp / SIDECAR).write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return side
+    return publish_model_dir(tmp, out_dir, side)
 
 
 def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, ae_steps: int = AE_STEPS,
