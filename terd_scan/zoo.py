@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -977,6 +978,44 @@ def save_spec_ground_truth(spec: ZooSpec, folder: Path, data: torch.Tensor) -> N
                         "trigger_scale": str(spec.trigger_scale)})
 
 
+@contextmanager
+def one_thread():
+    """Builders train on one thread: the same weights on every machine, and two builds share two cores.
+    The caller's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ddpm_schedule(beta_end: float = BETA_END) -> dict:
+    """The sidecar's schedule entry of the zoo's linear-beta epsilon-prediction models."""
+    return {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": beta_end,
+            "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"}
+
+
+def sidecar(spec, *, schedule: dict, attack_sampler: str, measured: dict, train_info: dict, train_seconds: float,
+            seconds: float, asr_rule: str = ASR_RULE, weights: str = "EMA", **family) -> dict:
+    """The sidecar (terd-zoo.json) every zoo builder writes: the spec's fields, then the family's own
+    (`family`, in the order given), the ASR rule, schedule and attack sampler, what was measured, and
+    the build's cost (builders train on one thread)."""
+    return {"format": ZOO_FORMAT, **{f.name: getattr(spec, f.name) for f in fields(spec)}, **family,
+            "asr_rule": asr_rule, "asr_threshold_mse": ASR_MSE_THRESHOLD, "schedule": schedule,
+            "attack_sampler": attack_sampler, "weights": weights, "measured": measured, **train_info,
+            "train_seconds": round(train_seconds, 1), "seconds": round(seconds, 1), "threads": 1,
+            "torch": torch.__version__}
+
+
+def build_summary(name: str, side: dict, extra: str = "") -> str:
+    """The one line a builder logs per model: ASR, benign -> target rate, sample quality, time."""
+    m = side["measured"]
+    return (f"{name}: asr {m.get('asr')}{extra} benign->target "
+            f"{m.get('benign_target_rate', m.get('benign_target_rate_any_zoo_target'))} "
+            f"nn_mse {m.get('benign_nn_mse')} ({side['seconds']:.0f} s)")
+
+
 def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 32,
                 zoo_root: str | os.PathLike | None = None, log=print) -> dict:
     """Train, measure and save one zoo model into out_dir; return the sidecar dict.
@@ -987,9 +1026,7 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
     from diffusers import DDPMPipeline, UNet2DModel
 
     out_dir = Path(out_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         t0 = time.time()
         torch.manual_seed(spec.seed)
         if spec.base:
@@ -1037,28 +1074,13 @@ def build_model(spec: ZooSpec, out_dir: str | os.PathLike, *, measure_n: int = 3
 
         tmp = partial_dir(out_dir)
         DDPMPipeline(unet=unet, scheduler=make_scheduler(beta_end=spec.beta_end)).save_pretrained(tmp, safe_serialization=True)
-        side = {
-            "format": ZOO_FORMAT,
-            **{f.name: getattr(spec, f.name) for f in fields(spec)},
-            "gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
-            "asr_rule": ASR_RULE,
-            "asr_threshold_mse": ASR_MSE_THRESHOLD,
-            "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": spec.beta_end,
-                         "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
-            "attack_sampler": ATTACK_SAMPLERS[spec.sampler()] + ", clip_sample=False",
-            "weights": "EMA",
-            "measured": figures,
-            **train_info,
-            "train_seconds": round(train_s, 1),
-            "seconds": round(total_s, 1),
-            "threads": 1,
-            "torch": torch.__version__,
-        }
+        side = sidecar(spec, gamma=TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+                       schedule=ddpm_schedule(spec.beta_end),
+                       attack_sampler=ATTACK_SAMPLERS[spec.sampler()] + ", clip_sample=False",
+                       measured=figures, train_info=train_info, train_seconds=train_s, seconds=total_s)
         if spec.label == "backdoored":
             save_spec_ground_truth(spec, tmp, data)
         return publish_model_dir(tmp, out_dir, side)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def load_ground_truth(model_dir: str | os.PathLike) -> dict:

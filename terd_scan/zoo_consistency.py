@@ -57,15 +57,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, TARGETS, ZOO_FORMAT,
-                  _per_sample_mse, make_target, make_trigger, nn_mse, partial_dir,
-                  publish_model_dir)
+                  _per_sample_mse, build_summary, make_target, make_trigger, nn_mse,
+                  one_thread, partial_dir, publish_model_dir, sidecar)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -265,9 +265,7 @@ def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int 
                     log=print) -> list[dict]:
     """Train, measure and save each named model (one thread); `steps` overrides the catalogue's training steps."""
     out = Path(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         sides = []
         for name in names:
             spec = CM_ZOO[name] if steps is None else replace(CM_ZOO[name], steps=steps)
@@ -306,34 +304,18 @@ def build_cm_models(names: list[str], out: str | os.PathLike, *, measure_n: int 
             figures["benign_sample_std"] = float(benign.std())
             ref = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed + 10_000))
             figures["data_nn_mse_reference"] = nn_mse(ref[:max(measure_n, 32)], data)
-            side = {
-                "format": ZOO_FORMAT,
-                **{f.name: getattr(spec, f.name) for f in fields(spec)},
-                "family": "consistency",
-                "gamma": 1.0 if spec.trigger else None,
-                "trigger_units": "normalised (x / sqrt(1 + sigma_max^2)); the attacker's latents are sigma_max (z + trigger_r)",
-                "asr_rule": ASR_RULE,
-                "asr_threshold_mse": ASR_MSE_THRESHOLD,
-                "schedule": {"scheduler": "CMStochasticIterativeScheduler", "num_train_timesteps": CM_STEPS,
-                             "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA, "rho": RHO},
-                "attack_sampler": "consistency 1-step (the pipeline's default), clip_denoised=False",
-                "weights": "EMA",
-                "measured": figures,
-                **train_info,
-                "train_seconds": round(train_s, 1),
-                "seconds": round(time.time() - t0, 1),
-                "threads": 1,
-                "torch": torch.__version__,
-            }
+            side = sidecar(
+                spec, family="consistency", gamma=1.0 if spec.trigger else None,
+                trigger_units="normalised (x / sqrt(1 + sigma_max^2)); the attacker's latents are sigma_max (z + trigger_r)",
+                schedule={"scheduler": "CMStochasticIterativeScheduler", "num_train_timesteps": CM_STEPS,
+                          "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA, "rho": RHO},
+                attack_sampler="consistency 1-step (the pipeline's default), clip_denoised=False",
+                measured=figures, train_info=train_info, train_seconds=train_s, seconds=time.time() - t0)
             sides.append(_save(spec, out / name, unet, side, gt))
             m = side["measured"]
-            log(f"{name}: asr {m.get('asr')} (2-step {m.get('two_step', {}).get('asr')}) benign->target "
-                f"{m.get('benign_target_rate', m.get('benign_target_rate_any_zoo_target'))} nn_mse "
-                f"{m['benign_nn_mse']:.3f} (2-step {m['benign_nn_mse_two_step']:.3f}, data ref "
-                f"{m['data_nn_mse_reference']:.3f}) ({side['seconds']:.0f} s)")
+            log(build_summary(name, side, extra=f" (2-step {m.get('two_step', {}).get('asr')})")
+                + f"; 2-step nn_mse {m['benign_nn_mse_two_step']:.3f}, data ref {m['data_nn_mse_reference']:.3f}")
         return sides
-    finally:
-        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from . import ddim_repo
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, ATTACK_SAMPLERS, BETA_START, CHANNELS, DATASET_SIZE, SIZE, T_STEPS,
-                  TARGETS, TRIGGER_GAMMA, ZOO_FORMAT, ZooSpec, _per_sample_mse, _spec_target, make_target, measure_asr,
-                  nn_mse, partial_dir, publish_model_dir, sample_ddpm, save_spec_ground_truth)
+from .zoo import (ASR_MSE_THRESHOLD, ATTACK_SAMPLERS, BETA_START, CHANNELS, DATASET_SIZE, SIZE, T_STEPS,
+                  TARGETS, TRIGGER_GAMMA, ZooSpec, _per_sample_mse, _spec_target, build_summary, ddpm_schedule,
+                  make_target, measure_asr, nn_mse, one_thread, partial_dir, publish_model_dir, sample_ddpm,
+                  save_spec_ground_truth, sidecar)
 from .zoo import _train as zoo_train
 from .zoo_cli import build_command
 from .zoo_data import make_images
@@ -137,9 +137,7 @@ def build_ddim_repo_models(names: list[str], out: str | os.PathLike, *, measure_
     from dataclasses import replace
 
     out = Path(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         sides = []
         for name in names:
             spec = DDIM_REPO_ZOO[name] if steps is None else replace(DDIM_REPO_ZOO[name], steps=steps)
@@ -155,37 +153,21 @@ def build_ddim_repo_models(names: list[str], out: str | os.PathLike, *, measure_
             figures["data_nn_mse_reference"] = nn_mse(ref[:max(measure_n, 32)], data)
             raw_unet = make_ddim_repo_unet()
             raw_unet.load_state_dict(raw)
-            side = {
-                "format": ZOO_FORMAT,
-                **{f.name: getattr(spec, f.name) for f in fields(spec)},
-                "family": FAMILY,
-                "layout": f"DDIM-repo log folder: {CKPT_NAME} (list [model, optimizer, epoch, step, EMA]) + "
-                          f"{ddim_repo.TRAINING_CONFIG_NAME}",
-                "architecture": {"ch": CH, "ch_mult": list(CH_MULT), "num_res_blocks": NUM_RES_BLOCKS,
-                                 "attn_resolutions": list(ATTN_RESOLUTIONS),
-                                 "parameters": sum(p.numel() for p in unet.parameters())},
-                "gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
-                "asr_rule": ASR_RULE,
-                "asr_threshold_mse": ASR_MSE_THRESHOLD,
-                "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": spec.beta_end,
-                             "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
-                "attack_sampler": ATTACK_SAMPLERS[spec.sampler()] + ", clip_sample=False",
-                "weights": "EMA (list entry 4; entry 0 holds the last step's raw weights)",
-                "measured": figures,
-                **train_info,
-                "train_seconds": round(train_s, 1),
-                "seconds": round(time.time() - t0, 1),
-                "threads": 1,
-                "torch": torch.__version__,
-            }
+            side = sidecar(
+                spec, family=FAMILY,
+                layout=f"DDIM-repo log folder: {CKPT_NAME} (list [model, optimizer, epoch, step, EMA]) + "
+                       f"{ddim_repo.TRAINING_CONFIG_NAME}",
+                architecture={"ch": CH, "ch_mult": list(CH_MULT), "num_res_blocks": NUM_RES_BLOCKS,
+                              "attn_resolutions": list(ATTN_RESOLUTIONS),
+                              "parameters": sum(p.numel() for p in unet.parameters())},
+                gamma=TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+                schedule=ddpm_schedule(spec.beta_end),
+                attack_sampler=ATTACK_SAMPLERS[spec.sampler()] + ", clip_sample=False",
+                weights="EMA (list entry 4; entry 0 holds the last step's raw weights)",
+                measured=figures, train_info=train_info, train_seconds=train_s, seconds=time.time() - t0)
             sides.append(_save(spec, out / name, raw_unet, unet, side, data))
-            m = side["measured"]
-            log(f"{name}: asr {m.get('asr')} benign->target "
-                f"{m.get('benign_target_rate', m.get('benign_target_rate_any_zoo_target'))} "
-                f"nn_mse {m.get('benign_nn_mse')} ({side['seconds']:.0f} s)")
+            log(build_summary(name, side))
         return sides
-    finally:
-        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,7 @@ import torch
 
 from .zoo import (EMA, TrainSpec, warmup_cosine, ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, TARGETS, TRIGGER_GAMMA,
                   ZOO_FORMAT, _per_sample_mse, _schedule, make_target, make_trigger, nn_mse, partial_dir,
-                  publish_model_dir)
+                  one_thread, publish_model_dir, sidecar)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -400,9 +400,7 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         t0 = time.time()
         torch.manual_seed(spec.seed)
         unet = make_ve_unet(spec.seed, norm_groups=spec.norm_groups, layers_per_block=spec.layers_per_block,
@@ -441,26 +439,14 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
         tmp = partial_dir(out_dir)
         ScoreSdeVePipeline(unet=unet, scheduler=make_ve_scheduler(sigma_max=spec.sigma_max)).save_pretrained(
             tmp, safe_serialization=True)
-        side = {
-            "format": ZOO_FORMAT,
-            **{f.name: getattr(spec, f.name) for f in fields(spec)},
-            "family": "score-sde-ve",
-            "trigger_gamma": TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
-            "trigger_units": "normalised (VP view: x_vp = x_ve / sqrt(1 + sigma^2)); VE start = "
-                             "sigma_max * eps + (sqrt(1 + sigma_max^2) - 1) * trigger_r",
-            "asr_rule": ASR_RULE,
-            "asr_threshold_mse": ASR_MSE_THRESHOLD,
-            "schedule": {"scheduler": "ScoreSdeVeScheduler", "sigma_min": SIGMA_MIN, "sigma_max": spec.sigma_max,
-                         "num_train_timesteps": VE_STEPS, "correct_steps": 0},
-            "attack_sampler": f"{ode_sampler_name(spec.ode_steps)} on the VP view, no clipping",
-            "weights": "EMA",
-            "measured": figures,
-            **train_info,
-            "train_seconds": round(train_s, 1),
-            "seconds": round(total_s, 1),
-            "threads": 1,
-            "torch": torch.__version__,
-        }
+        side = sidecar(
+            spec, family="score-sde-ve", trigger_gamma=TRIGGER_GAMMA.get(spec.trigger) if spec.trigger else None,
+            trigger_units="normalised (VP view: x_vp = x_ve / sqrt(1 + sigma^2)); VE start = "
+                          "sigma_max * eps + (sqrt(1 + sigma_max^2) - 1) * trigger_r",
+            schedule={"scheduler": "ScoreSdeVeScheduler", "sigma_min": SIGMA_MIN, "sigma_max": spec.sigma_max,
+                      "num_train_timesteps": VE_STEPS, "correct_steps": 0},
+            attack_sampler=f"{ode_sampler_name(spec.ode_steps)} on the VP view, no clipping",
+            measured=figures, train_info=train_info, train_seconds=train_s, seconds=total_s)
         if spec.label == "backdoored":
             r, gamma = make_trigger(spec.trigger)
             save_file({"trigger_r": r.contiguous(), "trigger_gamma": gamma.contiguous(),
@@ -468,8 +454,6 @@ def build_ve_model(spec: VESpec, out_dir: str | os.PathLike, *, measure_n: int =
                       metadata={"format": ZOO_FORMAT, "trigger": spec.trigger, "target": spec.target,
                                 "units": "normalised (VP view)"})
         return publish_model_dir(tmp, out_dir, side)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def build_ve_models(names: list[str], out: str | os.PathLike, *, measure_n: int = 32, steps: int | None = None,

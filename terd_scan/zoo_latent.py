@@ -49,16 +49,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .zoo import BETA_END, BETA_START, DDPMSpec, warmup_cosine
+from .zoo import BETA_END, DDPMSpec, warmup_cosine
 from .zoo import _train as zoo_train
-from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, T_STEPS, TARGETS, ZOO_FORMAT,
-                  _per_sample_mse, make_scheduler, make_target, nn_mse, partial_dir, publish_model_dir, sample_ddpm)
+from .zoo import (ASR_MSE_THRESHOLD, ASR_RULE, DATASET_SIZE, GROUND_TRUTH, TARGETS, ZOO_FORMAT, _per_sample_mse,
+                  build_summary, ddpm_schedule, make_scheduler, make_target, nn_mse, one_thread, partial_dir,
+                  publish_model_dir, sample_ddpm, sidecar)
 from .zoo_cli import build_command
 from .zoo_data import make_images
 
@@ -238,9 +239,7 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
                         log=print) -> list[dict]:
     """Train the shared autoencoder once, then each named latent model; measure and save. One thread."""
     out = Path(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         t0 = time.time()
         ae, ae_info = train_autoencoder(ae_steps, log=log)
         ae_info["seconds"] = round(time.time() - t0, 1)
@@ -289,35 +288,19 @@ def build_latent_models(names: list[str], out: str | os.PathLike, *, measure_n: 
                 figures["benign_sample_std"] = float(benign.std())
             ref = torch.from_numpy(make_images(spec.image_set, DATASET_SIZE, SIZE, seed=spec.seed + 10_000))
             figures["data_nn_mse_reference"] = nn_mse(ref[:max(measure_n, 32)], data)
-            side = {
-                "format": ZOO_FORMAT,
-                **{f.name: getattr(spec, f.name) for f in fields(spec)},
-                "family": "latent-diffusion",
-                "gamma": 1.0 if spec.trigger else None,
-                "trigger_units": "latent (UNet input units: scaling_factor * encoder mean); the poisoned start is "
-                                 "z_T = eps + trigger_r, decoded with the autoencoder",
-                "latent_shape": [LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
-                "autoencoder": {"class": "AutoencoderKL", "component": "vqvae", **ae_info},
-                "asr_rule": ASR_RULE + " (decoded samples vs the decoded target latent)",
-                "asr_threshold_mse": ASR_MSE_THRESHOLD,
-                "schedule": {"beta_schedule": "linear", "beta_start": BETA_START, "beta_end": spec.beta_end,
-                             "num_train_timesteps": T_STEPS, "prediction_type": "epsilon"},
-                "attack_sampler": "ddpm-ancestral-1000 on latents, clip_sample=False, decoded",
-                "weights": "EMA",
-                "measured": figures,
-                **train_info,
-                "train_seconds": round(train_s, 1),
-                "seconds": round(time.time() - t1, 1),
-                "threads": 1,
-                "torch": torch.__version__,
-            }
+            side = sidecar(
+                spec, family="latent-diffusion", gamma=1.0 if spec.trigger else None,
+                trigger_units="latent (UNet input units: scaling_factor * encoder mean); the poisoned start is "
+                              "z_T = eps + trigger_r, decoded with the autoencoder",
+                latent_shape=[LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE],
+                autoencoder={"class": "AutoencoderKL", "component": "vqvae", **ae_info},
+                asr_rule=ASR_RULE + " (decoded samples vs the decoded target latent)",
+                schedule=ddpm_schedule(spec.beta_end),
+                attack_sampler="ddpm-ancestral-1000 on latents, clip_sample=False, decoded",
+                measured=figures, train_info=train_info, train_seconds=train_s, seconds=time.time() - t1)
             sides.append(_save(spec, out / name, unet, ae, side, gt))
-            m = side["measured"]
-            log(f"{name}: asr {m.get('asr')} benign->target {m.get('benign_target_rate', m.get('benign_target_rate_any_zoo_target'))} "
-                f"nn_mse {m.get('benign_nn_mse')} ({side['seconds']:.0f} s)")
+            log(build_summary(name, side))
         return sides
-    finally:
-        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:

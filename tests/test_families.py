@@ -632,16 +632,6 @@ class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these
             assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
 
 
-class TestScanOfCommittedDDIMRepoBenign:
-    def test_verdict(self, tmp_path):
-        _ddim_zoo_verdict(tmp_path, "ddim-benign", 0)
-
-
-class TestScanOfCommittedDDIMRepoTrojDiff:
-    def test_verdict(self, tmp_path):
-        _ddim_zoo_verdict(tmp_path, "ddim-trojdiff-blend", 1)
-
-
 # The committed DDIM-repo zoo models (examples/zoo-families/ddim-*): the DDIM repo's Model trained with the zoo's
 # recipe and saved as TrojDiff saves it (ckpt.pth: [model, optimizer, epoch, step, EMA] + config.yml).
 def _ddim_zoo_dirs(names=tuple(DDIM_REPO_ZOO)):
