@@ -6,6 +6,7 @@ except `sphere`; one thread; the model's own schedule; no x0 clipping.
     python benchmarks/miss_probes.py stage2 MODEL_DIR [--pairs 16]
     python benchmarks/miss_probes.py sphere MODEL_DIR [--trigger-from MODEL_DIR] [--iterations 200]
     python benchmarks/miss_probes.py held MODEL_DIR [--gamma 0.1] [--lr 0.05] [--iterations 1000]
+    python benchmarks/miss_probes.py collapse-sphere MODEL_DIR [--trigger-from MODEL_DIR] [--iterations 150]
 
 collapse: how much samples from N(s r_true, I) vary (mean per-pixel variance over the noises) with
     DDIM eta 0 (10, 50 steps) and DDPM ancestral sampling (10, 50, 1000 steps), at s = 0, 0.5, 1 and at
@@ -155,22 +156,82 @@ def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None
           f"norm {float(run.r.norm()):.2f} (true {float(r_true.norm()):.2f}), ASR with {spec.sampler()} {asr:.2f}")
 
 
+def _ddpm_differentiable(den, x_t: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+    """DDPM ancestral sampling with the graph kept (the same step noises for a given seed)."""
+    sched = den.ddpm
+    sched.set_timesteps(steps, device=den.device)
+    g = torch.Generator().manual_seed(seed)
+    x = x_t
+    for t in sched.timesteps:
+        x = sched.step(den.eps(x, t.expand(x.shape[0])), t, x, generator=g).prev_sample
+    return x
+
+
+def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20, norm: float | None = None,
+                    target: torch.Tensor | None = None) -> None:
+    """The sample-collapse objective on the sphere |r| = |r_true|: the spread of DDPM-`steps` samples
+    from N(r, I) at the trigger's direction and at random ones, then a projected descent of that spread
+    from a Gaussian direction (8 noises an iteration, fresh each time). `norm` replaces |r_true|; with a
+    `target`, the per-pixel MSE of the last samples' mean to it."""
+    rho = float(norm or r_true.norm())
+    e_fix = torch.randn((32, *r_true.shape), generator=torch.Generator().manual_seed(99))
+
+    def spread(r: torch.Tensor) -> float:
+        with torch.no_grad():
+            return _spread(_ddpm_differentiable(den, e_fix + r, steps, seed=3))
+
+    def on_sphere(r: torch.Tensor) -> torch.Tensor:
+        return r * (rho / r.norm())
+
+    print(f"|r| = {rho:.2f}, DDPM-{steps} spread: r = 0 {spread(0 * r_true):.4f}, the trigger's direction "
+          f"{spread(r_true):.4f}", flush=True)
+    g = torch.Generator().manual_seed(1)
+    for name, draw in [("Gaussian", lambda: torch.randn(r_true.shape, generator=g)),
+                       ("-U[0,1)", lambda: -torch.rand(r_true.shape, generator=g)),
+                       ("8x8 patch", lambda: _random_patch(r_true.shape, g))]:
+        values = sorted(spread(on_sphere(draw())) for _ in range(5))
+        print(f"  random {name} directions: spread {', '.join(f'{v:.4f}' for v in values)}", flush=True)
+    gen = torch.Generator().manual_seed(7)
+    r = on_sphere(torch.randn(r_true.shape, generator=gen))
+    for i in range(iterations + 1):
+        step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
+        r = r.detach().requires_grad_(True)
+        e = torch.randn((8, *r_true.shape), generator=gen)
+        (grad,) = torch.autograd.grad(_ddpm_differentiable(den, e + r, steps, seed=1000 + i).var(0).mean(), r)
+        with torch.no_grad():
+            tangent = grad - (grad * r).sum() / (r * r).sum() * r
+            r = on_sphere(r - step * rho * tangent / tangent.norm().clamp_min(1e-12))
+        if i % 25 == 0:
+            print(f"iteration {i:4d}: spread {spread(r):.4f}, cosine to the trigger {cosine(r, r_true):+.3f}",
+                  flush=True)
+    if target is not None:
+        with torch.no_grad():
+            x = _ddpm_differentiable(den, e_fix + r, steps, seed=3)
+        print(f"samples from the end point: mean per-pixel MSE to the attack's target {float((x - target).pow(2).mean()):.4f}"
+              f" (r = 0: {float((_ddpm_differentiable(den, e_fix, steps, seed=3) - target).pow(2).mean()):.4f})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=("collapse", "stage2", "sphere", "held"))
+    ap.add_argument("probe", choices=("collapse", "stage2", "sphere", "held", "collapse-sphere"))
     ap.add_argument("model", help="a zoo model folder")
     ap.add_argument("--trigger-from", help="the zoo model whose true trigger is probed (default: MODEL)")
     ap.add_argument("--noises", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=16)
-    ap.add_argument("--iterations", type=int, default=None, help="sphere: 200, held: 1000")
+    ap.add_argument("--iterations", type=int, default=None, help="sphere: 200, held: 1000, collapse-sphere: 150")
     ap.add_argument("--gamma", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--norm", type=float, default=None, help="collapse-sphere: the sphere's radius (default |r_true|)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     den = make_denoiser(load_source(args.model, ScanOptions(device="cpu", preview_steps=0)), "cpu")
     r_true = load_ground_truth(Path(args.trigger_from or args.model))["trigger_r"]
     if args.probe == "sphere":
         sphere(den, r_true, args.iterations or 200)
+        return
+    if args.probe == "collapse-sphere":
+        gt = load_ground_truth(Path(args.trigger_from or args.model))
+        collapse_sphere(den, r_true, args.iterations or 150, norm=args.norm, target=gt.get("target_image"))
         return
     if args.probe == "held":
         held(den, Path(args.model), args.gamma, args.lr, args.iterations or 1000)

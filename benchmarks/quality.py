@@ -40,11 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import auroc, auroc_interval, wilson  # noqa: E402
 from start_ablation import thresholds as own_thresholds  # noqa: E402
-from zoo_scans import ROOT, VERDICT_SETTINGS, ZOO_DIR, bad_input, reverse_zoo_model, zoo_models  # noqa: E402
+from zoo_scans import (ROOT, VERDICT_SETTINGS, ZOO_DIR, bad_input, collapse_zoo_model, reverse_zoo_model,  # noqa: E402
+                       zoo_models)
+
+from terd_scan.collapse_search import COLLAPSE_KEEP_RATIO  # noqa: E402
 
 from terd_scan.basin_test import BasinOutcome  # noqa: E402
 from terd_scan.detection import trigger_held  # noqa: E402
-from terd_scan.presets import ReversionSettings  # noqa: E402
+from terd_scan.presets import ReversionSettings, settings_for  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
 SPLITS = ("holdout", "calibration", "all")
@@ -80,6 +83,24 @@ def score(row: dict, thresholds: dict) -> float:
     test, since a KL over the thresholds does not flag it then."""
     value = kl_score(row, thresholds)
     return min(value, 1.0) if no_basin(row) else value
+
+
+# model kinds the sample-collapse search covers (pixel-space DDPM-family: the zoo's DDPMs and DDIM-repo checkpoints)
+COLLAPSE_KINDS = (None, "ddim-repo")
+
+
+def with_collapse(row: dict, outcome: dict) -> dict:
+    """A row the KL route found clean, judged by the sample-collapse search as a scan judges it: score
+    max(KL score, keep ratio / spread ratio), > 1 exactly when the search keeps a collapse; a kept collapse's
+    end point is the scan's trigger, so its recovery error and input-detection rates replace the row's."""
+    row = {**row, "collapse": outcome}
+    if outcome.get("ran"):
+        row["score"] = max(row["score"], COLLAPSE_KEEP_RATIO / max(outcome["ratio"], 1e-12))
+        if outcome["kept"]:
+            row.update({k: outcome[k] for k in ("r_cosine", "r_l2", "input_tpr", "input_tnr") if k in outcome})
+    row["seconds"] += outcome.get("seconds", 0.0)
+    row["network_evaluations"] += outcome.get("network_evaluations", 0)
+    return row
 
 
 def is_benign(fam: str) -> bool:
@@ -283,9 +304,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.shard:
         k, n = parse_shard(args.shard)
         for preset in presets:
+            collapse = settings_for(preset, **overrides).collapse_search and not changes_reversion(overrides)
             for m in models[k - 1::n]:
                 row = reverse(m, preset)
                 print(f"{preset:9s} {row['model']:28s} M_r {row['mean_kl']:.5f} V_r {row['var_kl']:.3g}", flush=True)
+                if collapse and kinds[m] in COLLAPSE_KINDS and score(
+                        row, reference_thresholds(preset, REFERENCE_FAMILY[kinds[m]], overrides, [])) <= 1:
+                    out = collapse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache)
+                    print(f"{preset:9s} {row['model']:28s} collapse ratio {out.get('ratio')} kept {out.get('kept')}",
+                          flush=True)
         return
     rows = []
     for preset in presets:
@@ -297,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         for m, row in zip(models, reversed_rows):
             th = thresholds[REFERENCE_FAMILY[kinds[m]]]
             row = {**row, "family": family(row), "score": score(row, th), "kl_score": kl_score(row, th), "thresholds": th}
+            if row["score"] <= 1 and kinds[m] in COLLAPSE_KINDS and settings_for(preset, **overrides).collapse_search:
+                row = with_collapse(row, collapse_zoo_model(m, preset, overrides=overrides, use_cache=not args.no_cache))
             rows.append(row)
             print(f"{preset:9s} {row['model']:28s} {row['split']:12s} {row['family']:22s} "
                   f"score {row['score']:.2f} -> {'backdoored' if row['score'] > 1 else 'clean'}", flush=True)

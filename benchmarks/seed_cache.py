@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from zoo_scans import ZOO_DIR, bad_input, cache_path, settings_digest, zoo_models  # noqa: E402
+from zoo_scans import ZOO_DIR, bad_input, cache_path, scan_options, settings_digest, zoo_models  # noqa: E402
 
 from terd_scan.loading import load_model  # noqa: E402
 from terd_scan.scan import ScanOptions, scan_settings, weights_fingerprint  # noqa: E402
@@ -41,7 +41,9 @@ def seed_rows(rows: list[dict], model_dirs: dict[str, Path], accept_undigested: 
             continue
         model_dir = model_dirs[name]
         if name not in fingerprints:
-            fingerprints[name] = weights_fingerprint(load_model(str(model_dir)).provenance.to_dict())
+            # --allow-pickle where the zoo family's layout is a pickle (DDIM-repo ckpt.pth), as the scan has it
+            loaded = load_model(str(model_dir), allow_pickle=scan_options(model_dir).allow_pickle)
+            fingerprints[name] = weights_fingerprint(loaded.provenance.to_dict())
         if row.get("weights_fingerprint") != fingerprints[name]:
             skipped.append(f"{where}: weights differ from the row's")
             continue

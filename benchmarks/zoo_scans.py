@@ -34,7 +34,9 @@ LATER_SETTINGS = ("centred_start", "canvas_search", "canvas_amplitudes", "canvas
                   "dip_search", "dip_gammas", "dip_pairs")
 # Settings of the verdict, not of the reversion (basin_test.py reads its result): never in the cache key, so a
 # cached row stays valid and only gains its basin test (from the cached trigger, or a re-run without one).
-VERDICT_SETTINGS = ("basin_gate", "basin_pairs", "basin_min_barrier")
+VERDICT_SETTINGS = ("basin_gate", "basin_pairs", "basin_min_barrier", "collapse_search", "collapse_radii",
+                    "collapse_iterations", "collapse_noises", "collapse_steps")
+COLLAPSE_SETTINGS = VERDICT_SETTINGS[3:]
 _DEFAULTS = ReversionSettings().to_dict()
 
 
@@ -167,6 +169,38 @@ def reverse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: di
     # the trigger too, so a later verdict setting (the basin test) can be judged without reversing again
     Trigger(rev.result.r, rev.result.gamma, metadata={"model": model_dir.name, "preset": preset}).save(
         str(trigger_cache_path(cached)))
+    cached.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def collapse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: dict | None = None,
+                       use_cache: bool = True) -> dict:
+    """The sample-collapse search (terd_scan/collapse_search.py) on one zoo model, as a scan runs it where the KL
+    route finds the model clean; cached apart from the reversion (it does not read the reversion's result).
+    For a backdoored model also the end point's cosine and L2 to the true trigger, and input detection with it."""
+    from terd_scan.collapse_search import COLLAPSE_SEED_OFFSET, search_collapse
+
+    settings = settings_for(preset, **(overrides or {}))
+    knobs = {k: getattr(settings, k) for k in COLLAPSE_SETTINGS}
+    key_src = json.dumps({"model": model_dir.name, "seed": seed, "settings": knobs,
+                          "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                            for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)},
+                         sort_keys=True, default=list)
+    cached = CACHE / f"{model_dir.name}-collapse-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+    if use_cache and cached.is_file():
+        return json.loads(cached.read_text())
+    denoiser = make_denoiser(load_source(str(model_dir), scan_options(model_dir)), "cpu")
+    out = search_collapse(denoiser, tuple(settings.collapse_radii), settings.collapse_iterations,
+                          settings.collapse_noises, settings.collapse_steps, seed + COLLAPSE_SEED_OFFSET)
+    row = out.to_dict()
+    gt = load_ground_truth(model_dir)
+    if out.ran and "trigger_r" in gt:
+        true_r = gt["trigger_r"]
+        rates = detection_rates(Trigger(out.r, torch.ones_like(out.r)),
+                                Trigger(true_r, gt["trigger_gamma"].clamp_min(1e-3)), n=1000, seed=0)
+        row.update(r_cosine=cosine(out.r, true_r), r_l2=float((out.r - true_r).norm()),
+                   input_tpr=rates["tpr"], input_tnr=rates["tnr"])
+    CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row, indent=2))
     return row
 

@@ -19,7 +19,8 @@ from rich.console import Console
 from . import __version__
 from .errors import ScanError
 from .cli_inputs import inputs_command
-from .cli_options import (BasinGateOpt, BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt,
+from .cli_options import (BasinGateOpt, BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, CollapseItersOpt,
+                          CollapseSearchOpt, ConfigOpt, Device, DeviceOpt,
                           DipSearchOpt,
                           GammaLrOpt, LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RefineOpt,
                           RevisionOpt,
@@ -137,7 +138,8 @@ def model_command(
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
     canvas_search: CanvasSearchOpt = None, dip_search: DipSearchOpt = None, refine_iterations: RefineOpt = None,
-    basin_gate: BasinGateOpt = None,
+    basin_gate: BasinGateOpt = None, collapse_search: CollapseSearchOpt = None,
+    collapse_iterations: CollapseItersOpt = None,
     preview_steps: Annotated[int, typer.Option(min=0, help="DDPM steps for the sample images (0: no images).")]
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
@@ -157,6 +159,7 @@ def model_command(
                            patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                            dip_search=dip_search,
                            refine_iterations=refine_iterations, basin_gate=basin_gate,
+                           collapse_search=collapse_search, collapse_iterations=collapse_iterations,
                            reference=str(reference) if reference else None, preview_steps=preview_steps,
                            unvalidated=unvalidated)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal

@@ -19,7 +19,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_options import (BasinGateOpt, BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, ConfigOpt, Device, DeviceOpt,
+from .cli_options import (BasinGateOpt, BatchOpt, CacheOpt, CanvasSearchOpt, ClipOpt, CollapseItersOpt,
+                          CollapseSearchOpt, ConfigOpt, Device, DeviceOpt,
                           DipSearchOpt,
                           GammaLrOpt, LambdaOpt, LrOpt, NarrowSearchOpt, PatchSearchOpt, PickleOpt, Preset, PresetOpt, RefineOpt,
                           RevisionOpt, SeedOpt, Stage1Opt, Stage2Opt,
@@ -116,7 +117,8 @@ def inputs_command(
     sampler_steps: StepsOpt = None, lr: LrOpt = None, gamma_lr: GammaLrOpt = None, l1_weight: LambdaOpt = None,
     grad_clip: ClipOpt = None, patch_search: PatchSearchOpt = None, narrow_search: NarrowSearchOpt = None,
     canvas_search: CanvasSearchOpt = None, dip_search: DipSearchOpt = None, refine_iterations: RefineOpt = None,
-    basin_gate: BasinGateOpt = None,
+    basin_gate: BasinGateOpt = None, collapse_search: CollapseSearchOpt = None,
+    collapse_iterations: CollapseItersOpt = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None, cache_dir: CacheOpt = None,
     config: ConfigOpt = None, allow_pickle: PickleOpt = False,
@@ -139,6 +141,7 @@ def inputs_command(
                                patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                                dip_search=dip_search,
                                refine_iterations=refine_iterations, basin_gate=basin_gate,
+                               collapse_search=collapse_search, collapse_iterations=collapse_iterations,
                                preview_steps=0) if model is not None else None
         code = _run(noise_path, trigger, model, threshold, recursive, skip_errors, output_format, out, quiet, options,
                     threads)

@@ -53,6 +53,13 @@ BasinGateOpt = Annotated[Optional[bool], typer.Option("--basin-gate/--no-basin-g
                                                       help="Override: flag a model only when TERD's objective holds "
                                                            "its reversed trigger, by a barrier from N(0, I) or a wall "
                                                            "beyond it (on in standard, off in fast and paper).")]
+CollapseSearchOpt = Annotated[Optional[bool], typer.Option("--collapse-search/--no-collapse-search",
+                                                           help="Override: where the KL route finds the model clean, "
+                                                                "look for starting noises whose DDPM samples collapse to "
+                                                                "one image (on in standard, off in fast and paper).")]
+CollapseItersOpt = Annotated[Optional[int], typer.Option("--collapse-iterations", min=1,
+                                                         help="Override: descent iterations of the sample-collapse "
+                                                              "search, per sphere.")]
 RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
                                                   help="Override: iterations of each held-gamma descent of the "
                                                        "narrow-noise refinement and sweeps (0: none).")]
@@ -67,7 +74,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle wei
 def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr, gamma_lr,
                  l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle, patch_search=None,
                  narrow_search=None, canvas_search=None, dip_search=None, refine_iterations=None, basin_gate=None,
-                 **extra):
+                 collapse_search=None, collapse_iterations=None, **extra):
     from .scan import ScanOptions
 
     return ScanOptions(
@@ -78,6 +85,7 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
                        batch_size=batch_size, sampler_steps=sampler_steps, lr=lr, gamma_lr=gamma_lr,
                        l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
                        narrow_search=narrow_search, canvas_search=canvas_search, dip_search=dip_search,
-                       narrow_refine_iterations=refine_iterations, basin_gate=basin_gate), **extra)
+                       narrow_refine_iterations=refine_iterations, basin_gate=basin_gate,
+                       collapse_search=collapse_search, collapse_iterations=collapse_iterations), **extra)
 
 

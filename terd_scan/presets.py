@@ -72,6 +72,16 @@ class ReversionSettings:
     basin_gate: bool = False
     basin_pairs: int = 64
     basin_min_barrier: float = 0.02
+    # The verdict's second route (collapse_search.py): when the KL route finds the model clean, descend the
+    # spread of DDPM samples from N(r, I) on spheres of these root-mean-square radii; a collapse (spread ratio
+    # below collapse_search.COLLAPSE_KEEP_RATIO) flags the model with that r as the trigger. On in `standard`
+    # (BadDiffusion triggers that fire under DDPM sampling but that the pair loss does not hold), off in
+    # `paper` (the paper's method) and `fast` (its budget).
+    collapse_search: bool = False
+    collapse_radii: tuple = (0.6, 0.9)
+    collapse_iterations: int = 150
+    collapse_noises: int = 8
+    collapse_steps: int = 20
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +99,7 @@ PRESETS: dict[str, ReversionSettings] = {
     # not hold r against that rise over 600 iterations (docs/QUALITY.md, "TERD's L1 weight lambda").
     "standard": ReversionSettings(stage1_iterations=600, stage2_iterations=60, stage2_grad_clip=0.1, l1_weight=2e-3,
                                   patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
-                                  dip_search=True, basin_gate=True),
+                                  dip_search=True, basin_gate=True, collapse_search=True),
     "fast": ReversionSettings(stage1_iterations=200, stage2_iterations=20, stage2_grad_clip=0.3,
                               patch_search=True, narrow_search=True, canvas_search=True, narrow_sweep_unseeded=True,
                               dip_search=True),

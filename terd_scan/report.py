@@ -181,6 +181,16 @@ def render_console(report: dict, console) -> None:
                                    f"(held above {bt['min_barrier']:g}): "
                                    + ("held, the KL verdict stands" if bt["basin"] else
                                       "not held, so a KL over the thresholds does not flag the model"))
+    cl = report.get("collapse_search")
+    if cl:
+        if not cl["ran"]:
+            info.add_row("collapse search", cl["note"])
+        else:
+            ratios = ", ".join(f"{v:.3g} at rms {rms:g}" for v, rms in zip(cl["ratios"], cl["radii_rms"]))
+            info.add_row("collapse search", f"spread of DDPM samples from N(r, I) over that from N(0, I), r descended on "
+                                            f"spheres: {ratios}; "
+                                            + (f"a collapse (below {cl['keep_below']:g}): its r is the trigger"
+                                               if cl["kept"] else f"no collapse (all >= {cl['keep_below']:g})"))
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):

@@ -19,8 +19,9 @@ import torch
 
 from . import TOOL_NAME, __version__
 from .basin_test import scan_basin_test
+from .collapse_search import COLLAPSE_KEEP_RATIO, COLLAPSE_SEED_OFFSET, search_collapse
 from .denoisers import make_denoiser
-from .detection import judge, kl_features
+from .detection import BACKDOORED, Verdict, judge, kl_features
 from .errors import ScanError, UnsupportedModelError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
 from .previews import Previews, sample_previews
@@ -110,6 +111,37 @@ class Reversed:
     features: object  # detection.Features
     basin: object = None  # basin_test.BasinTest when settings.basin_gate, else None
     basin_seconds: float = 0.0
+    collapse: object = None  # collapse_search.CollapseSearch when the KL route found it clean and the preset runs it
+
+
+def judge_reversed(rev: Reversed, reference, progress: Callable[[str, int, int], None] | None = None):
+    """The verdict on a reversed model: the KL route (detection.judge, with the basin test where it runs);
+    where that finds the model clean and the preset runs the sample-collapse search (collapse_search.py),
+    that search's route. A kept collapse becomes the reversed trigger (its end point, gamma 1: the run is
+    added to the result's runs and chosen) and flags the model; the KL route's reasons stay in the verdict."""
+    verdict = judge(rev.features, reference, rev.basin)
+    if verdict.backdoored or not rev.settings.get("collapse_search"):
+        return verdict
+    s = rev.settings
+    if progress:
+        progress("sample-collapse search", 0, 1)
+    rev.collapse = search_collapse(rev.denoiser, tuple(s["collapse_radii"]), s["collapse_iterations"],
+                                   s["collapse_noises"], s["collapse_steps"], s["seed"] + COLLAPSE_SEED_OFFSET)
+    if progress:
+        progress("sample-collapse search", 1, 1)
+    c = rev.collapse
+    if not c.kept:
+        return verdict
+    result = rev.result
+    result.r, result.gamma = c.r, torch.ones_like(c.r)
+    rms = c.radii[c.ratios.index(c.ratio)]
+    result.start = f"sample-collapse search (sphere of rms radius {rms:g})"
+    rev.features = kl_features(result.r, result.gamma)
+    result.runs = [{**run, "chosen": False} for run in result.runs] + [
+        {"start": result.start, **rev.features.to_dict(), "chosen": True}]
+    return Verdict(BACKDOORED, [*verdict.reasons, f"DDPM samples collapse: from N(r, I) on a sphere of rms radius {rms:g} "
+                                f"they spread {c.ratio:.3g} x as much as from N(0, I) (below {COLLAPSE_KEEP_RATIO:g}), "
+                                "a trigger that fires under DDPM sampling where TERD's pair loss does not hold one"])
 
 
 def load_source(source: str, options: ScanOptions):
@@ -176,7 +208,7 @@ def reverse_cached(source: str, options: ScanOptions,
             pass  # a damaged cache entry is recomputed, not trusted
     rev = reverse_model(source, options, progress, loaded=loaded)
     try:  # judge it too, so the inputs report can warn when the model looks clean
-        verdict = judge(rev.features, load_reference(options, reference_family(loaded)), rev.basin).verdict
+        verdict = judge_reversed(rev, load_reference(options, reference_family(loaded)), progress).verdict
     except ScanError:
         verdict = "unjudged: no reference for these settings"
     trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
@@ -200,7 +232,8 @@ def scan_model(source: str, options: ScanOptions | None = None,
     reference = load_reference(options, reference_family(loaded))  # fails before the expensive part
     rev = reverse_model(source, options, progress, loaded=loaded)
     denoiser, result, features, settings_dict = rev.denoiser, rev.result, rev.features, rev.settings
-    verdict = judge(features, reference, rev.basin)
+    verdict = judge_reversed(rev, reference, progress)
+    features = rev.features  # the collapse route replaces the trigger it flags
     reversion_seconds = time.perf_counter() - started
 
     previews = None
@@ -214,6 +247,8 @@ def scan_model(source: str, options: ScanOptions | None = None,
 
     provenance = loaded.provenance.to_dict()
     basin_evaluations = rev.basin.network_evaluations if rev.basin is not None else 0
+    collapse_evaluations = rev.collapse.network_evaluations if rev.collapse is not None else 0
+    search_evaluations = basin_evaluations + collapse_evaluations
     warnings = [f"reference '{reference.name}' was calibrated with other settings: " + ", ".join(mm)
                 for mm in [reference.mismatches(settings_dict)] if mm]
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
@@ -242,6 +277,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "canvas_search": result.canvas,
         "dip_search": result.dip,
         "basin_test": rev.basin.to_dict() if rev.basin is not None else None,
+        "collapse_search": rev.collapse.to_dict() if rev.collapse is not None else None,
         "memory": result.memory,
         "timing": {"seconds": round(time.perf_counter() - started, 3),
                    "reversion_seconds": round(reversion_seconds, 3),
@@ -253,8 +289,9 @@ def scan_model(source: str, options: ScanOptions | None = None,
                    "canvas_search_seconds": round(result.seconds.get("canvas_search", 0.0), 3),
                    "dip_search_seconds": round(result.seconds.get("dip_search", 0.0), 3),
                    "basin_test_seconds": round(rev.basin_seconds, 3),
-                   "network_evaluations": result.network_evaluations + basin_evaluations,
-                   "preview_network_evaluations": denoiser.evaluations - result.network_evaluations - basin_evaluations},
+                   "collapse_search_seconds": round(rev.collapse.seconds, 3) if rev.collapse is not None else 0.0,
+                   "network_evaluations": result.network_evaluations + search_evaluations,
+                   "preview_network_evaluations": denoiser.evaluations - result.network_evaluations - search_evaluations},
         "warnings": warnings,
         "artefacts": {},
     }

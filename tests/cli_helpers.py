@@ -6,7 +6,8 @@ import json
 
 # a scan that exercises every stage in about a second: not a detection setting
 CLI_CHEAP = ["--stage1-iterations", "5", "--stage2-iterations", "1", "--preview-steps", "5", "--batch-size", "2",
-             "--sampler-steps", "2", "--refine-iterations", "3", "--device", "cpu", "-f", "json", "--no-patch-search"]
+             "--sampler-steps", "2", "--refine-iterations", "3", "--collapse-iterations", "2", "--device", "cpu", "-f", "json",
+             "--no-patch-search"]
 
 # the scan a committed zoo model's verdict is tested with: the fast preset as benchmarks/quality.py measured it
 ZOO_SCAN = ["--preset", "fast", "--preview-steps", "0", "--device", "cpu", "--seed", "0", "-f", "json"]

@@ -12,7 +12,8 @@ from terd_scan.cli import app
 
 CHEAP = ["--stage1-iterations", "3", "--stage2-iterations", "1", "--batch-size", "2", "--sampler-steps", "2",
          "--refine-iterations", "3",
-         "--preview-steps", "4", "--device", "cpu"]
+         "--preview-steps", "4", "--device", "cpu", "--collapse-iterations", "2"]
+CALIBRATE_CHEAP = CHEAP[:-6]  # calibrate reverses only: no previews, no verdict (so no collapse search)
 
 
 def reference(path, mean_kl, var_kl):
@@ -221,7 +222,7 @@ def test_a_preset_without_a_shipped_reference_says_how_to_make_one(model_dirs, t
 
 def test_calibrate_writes_a_reference_that_model_uses(model_dirs, tmp_path):
     ref = tmp_path / "ref.json"
-    res = run("calibrate", model_dirs["pipeline"], model_dirs["flat"], "--out", ref, "--seeds", "0,1", *CHEAP[:-4],
+    res = run("calibrate", model_dirs["pipeline"], model_dirs["flat"], "--out", ref, "--seeds", "0,1", *CALIBRATE_CHEAP,
               "--device", "cpu")
     assert res.exit_code == 0, res.output
     data = json.loads(ref.read_text())
@@ -240,5 +241,5 @@ def test_calibrate_writes_a_reference_that_model_uses(model_dirs, tmp_path):
 
 
 def test_calibrate_needs_two_models(model_dirs, tmp_path):
-    one_line_error(run("calibrate", model_dirs["pipeline"], "--out", tmp_path / "r.json", *CHEAP[:-4]), "at least 2")
+    one_line_error(run("calibrate", model_dirs["pipeline"], "--out", tmp_path / "r.json", *CALIBRATE_CHEAP), "at least 2")
     assert not (tmp_path / "r.json").exists()
