@@ -177,7 +177,9 @@ def collapse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: d
                        use_cache: bool = True) -> dict:
     """The sample-collapse search (terd_scan/collapse_search.py) on one zoo model, as a scan runs it where the KL
     route finds the model clean; cached apart from the reversion (it does not read the reversion's result).
-    For a backdoored model also the end point's cosine and L2 to the true trigger, and input detection with it."""
+    For a backdoored model also the end point's cosine and L2 to the true trigger, input detection with it and,
+    where the search keeps it, its attack success rate with the sampler the attack targets (16 samples, no
+    clipping; zoo.measure_asr). The end point is kept beside the row (<row>.trigger.safetensors)."""
     from terd_scan.collapse_search import COLLAPSE_SEED_OFFSET, search_collapse
 
     settings = settings_for(preset, **(overrides or {}))
@@ -187,20 +189,33 @@ def collapse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: d
                                             for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)},
                          sort_keys=True, default=list)
     cached = CACHE / f"{model_dir.name}-collapse-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+    gt = load_ground_truth(model_dir)
     if use_cache and cached.is_file():
-        return json.loads(cached.read_text())
+        row = json.loads(cached.read_text())
+        # a row made before the ASR was recorded is made again (the search is deterministic)
+        if not (row.get("kept") and "trigger_r" in gt and "recovered_asr" not in row):
+            return row
     denoiser = make_denoiser(load_source(str(model_dir), scan_options(model_dir)), "cpu")
     out = search_collapse(denoiser, tuple(settings.collapse_radii), settings.collapse_iterations,
                           settings.collapse_noises, settings.collapse_steps, seed + COLLAPSE_SEED_OFFSET)
     row = out.to_dict()
-    gt = load_ground_truth(model_dir)
     if out.ran and "trigger_r" in gt:
         true_r = gt["trigger_r"]
         rates = detection_rates(Trigger(out.r, torch.ones_like(out.r)),
                                 Trigger(true_r, gt["trigger_gamma"].clamp_min(1e-3)), n=1000, seed=0)
         row.update(r_cosine=cosine(out.r, true_r), r_l2=float((out.r - true_r).norm()),
                    input_tpr=rates["tpr"], input_tnr=rates["tnr"])
+        if out.kept and gt.get("family") in (None, "ddpm"):  # the pixel zoo's catalogue knows the attack's sampler
+            from terd_scan.zoo import ZOO, measure_asr
+
+            spec = ZOO[model_dir.name]
+            res = measure_asr(denoiser.unet, out.r, torch.ones_like(out.r), gt["target_image"], n=16,
+                              sampler=spec.sampler(), benign=False, beta_end=spec.beta_end)
+            row.update(recovered_asr=res["asr"], attack_sampler=res["sampler"])
     CACHE.mkdir(parents=True, exist_ok=True)
+    if out.ran:
+        Trigger(out.r, torch.ones_like(out.r), metadata={"model": model_dir.name, "preset": preset}).save(
+            str(trigger_cache_path(cached)))
     cached.write_text(json.dumps(row, indent=2))
     return row
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .denoisers import DDPMDenoiser
+from .memory_plan import memory_plan
 
 # The spread ratio under which the end point counts as a collapse. The calibration benign models' lowest
 # end-point ratio and the design backdoor's are in docs/QUALITY.md ("Sample-collapse search").
@@ -69,14 +70,21 @@ def supports(denoiser) -> bool:
     return type(denoiser) is DDPMDenoiser
 
 
-def ddpm_samples(denoiser: DDPMDenoiser, x_T: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """DDPM ancestral sampling, differentiable when gradients are on; the step noises are fixed by `seed`."""
+def ddpm_samples(denoiser: DDPMDenoiser, x_T: torch.Tensor, steps: int, seed: int,
+                 checkpoint: bool = False) -> torch.Tensor:
+    """DDPM ancestral sampling, differentiable when gradients are on; the step noises are fixed by `seed`.
+    `checkpoint` recomputes each network call in the backward pass (memory_plan: inputs above 3x32x32)."""
     sched = denoiser.ddpm
     sched.set_timesteps(min(steps, denoiser.num_train_timesteps), device=denoiser.device)
     gen = torch.Generator(device=denoiser.device).manual_seed(seed)
     x = x_T
     for t in sched.timesteps:
-        x = sched.step(denoiser.eps(x, t.expand(x.shape[0]).to(denoiser.device)), t, x, generator=gen).prev_sample
+        tt = t.expand(x.shape[0]).to(denoiser.device)
+        if checkpoint and torch.is_grad_enabled():
+            e = torch.utils.checkpoint.checkpoint(denoiser.eps, x, tt, use_reentrant=False)
+        else:
+            e = denoiser.eps(x, tt)
+        x = sched.step(e, t, x, generator=gen).prev_sample
     return x
 
 
@@ -85,10 +93,24 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
 
 
 def search_collapse(denoiser, radii: tuple, iterations: int, noises: int, steps: int, seed: int) -> CollapseSearch:
-    """The search above at each root-mean-square radius in `radii`; deterministic given the seed."""
+    """The search above at each root-mean-square radius in `radii`; deterministic given the seed and the
+    device. Above 3x32x32 (memory_plan) each network call is recomputed in the backward pass and the noises
+    per step are cut to what one gradient pass holds (at least 2, for a spread); a GPU that still runs out
+    of memory ends the search unrun, so the verdict is the KL route's."""
     if not supports(denoiser):
         return CollapseSearch(ran=False, note=f"not run: the sample-collapse search covers pixel-space DDPM-family "
                                               f"models only, not {denoiser.info().kind}")
+    plan = memory_plan(denoiser.input_shape, noises, denoiser.device)
+    try:
+        return _search(denoiser, radii, iterations, max(2, min(noises, plan.micro_batch)), steps, seed,
+                       plan.checkpointed_sampler)
+    except torch.OutOfMemoryError:
+        return CollapseSearch(ran=False, note=f"not run: out of GPU memory with {noises} noises of "
+                                              f"{'x'.join(map(str, denoiser.input_shape))} through {steps} sampler steps")
+
+
+def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, seed: int,
+            checkpoint: bool) -> CollapseSearch:
     t0, evals0 = time.perf_counter(), denoiser.evaluations
     device, shape = denoiser.device, denoiser.input_shape
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -112,7 +134,7 @@ def search_collapse(denoiser, radii: tuple, iterations: int, noises: int, steps:
             r = r.detach().requires_grad_(True)
             e = torch.randn((noises, *shape), generator=gen, device=device)
             step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device))
-            (grad,) = torch.autograd.grad(_spread(ddpm_samples(denoiser, e + r, steps, step_seed)), r)
+            (grad,) = torch.autograd.grad(_spread(ddpm_samples(denoiser, e + r, steps, step_seed, checkpoint)), r)
             with torch.no_grad():
                 tangent = grad - (grad * r).sum() / (r * r).sum() * r
                 r = r - angle * rho * tangent / tangent.norm().clamp_min(1e-12)

@@ -113,3 +113,28 @@ def test_committed_zoo_models(name, kept, one_thread):
     out = search_collapse(den, (0.6,), s.collapse_iterations, s.collapse_noises, s.collapse_steps,
                           0 + scan.COLLAPSE_SEED_OFFSET)
     assert out.kept is kept, out.to_dict()
+
+
+def test_large_inputs_are_checkpointed_with_fewer_noises(monkeypatch, one_thread):
+    import terd_scan.collapse_search as cs
+
+    den = DDPMDenoiser(AnalyticUNet(shape=(3, 64, 64)), SCHEDULE)
+    seen = []
+    real = cs.ddpm_samples
+    monkeypatch.setattr(cs, "ddpm_samples", lambda d, x, steps, seed, checkpoint=False: seen.append(
+        (x.shape[0], checkpoint)) or real(d, x, steps, seed, checkpoint))
+    out = search_collapse(den, (0.6,), 2, noises=8, steps=3, seed=0)
+    assert out.ran and out.ratios[0] == pytest.approx(1.0, abs=1e-3)
+    # 3x64x64 is four times the values of a CPU chunk's 3x32x32 image batch of 16: 4 noises a step, recomputed
+    assert (4, True) in seen and all(n in (4, 32) for n, _ in seen)
+
+
+def test_a_gpu_out_of_memory_leaves_the_search_unrun(monkeypatch):
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(den, "eps", oom)
+    out = search_collapse(den, (0.6,), 2, noises=8, steps=3, seed=0)
+    assert not out.ran and not out.kept and "out of GPU memory" in out.note
