@@ -180,7 +180,9 @@ def render_console(report: dict, console) -> None:
                                    f"{bt['barrier']:.3g} before it, wall {bt['wall']:.3g} beyond it "
                                    f"(held above {bt['min_barrier']:g}): "
                                    + ("held, the KL verdict stands" if bt["basin"] else
-                                      "not held, so a KL over the thresholds does not flag the model"))
+                                      "not held, so a KL over the thresholds does not flag the model")
+                                   + (" (the test read TERD's trigger; the sample-collapse search's replaced it)"
+                                      if (report.get("collapse_search") or {}).get("kept") else ""))
     cl = report.get("collapse_search")
     if cl:
         if not cl["ran"]:

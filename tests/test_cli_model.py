@@ -62,6 +62,10 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert report["settings"]["dip_search"] is True and dip["candidates"] == 8 and len(dip["losses"]) == 9
     assert isinstance(dip["kept"], bool) and report["timing"]["dip_search_seconds"] >= 0
     assert report["settings"]["basin_gate"] is True and report["basin_test"]["pairs"] == 64  # standard's gate
+    collapse = report["collapse_search"]  # the KL route found the model clean, so standard's collapse search ran
+    assert report["settings"]["collapse_search"] is True and report["settings"]["collapse_iterations"] == 2
+    assert collapse["ran"] and collapse["radii_rms"] == [0.6, 0.9] and len(collapse["ratios"]) == 2
+    assert not collapse["kept"] and collapse["network_evaluations"] > 0 and report["timing"]["collapse_search_seconds"] > 0
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
@@ -124,6 +128,29 @@ def test_a_kl_over_the_thresholds_without_a_basin_is_clean_and_says_why(model_di
     res = run("model", model_dirs["flat"], "--out", tmp_path / "rich", "--reference", refs["strict"], *CHEAP,
               "--basin-gate")
     assert res.exit_code == 0 and "not held" in res.stdout and "basin test" in res.stdout
+    assert "collapse" in res.stdout  # its row (the label may wrap at the runner's width)
+
+
+def test_a_collapse_flags_the_model_and_its_r_is_the_saved_trigger(model_dirs, refs, tmp_path, monkeypatch):
+    """The sample-collapse route through the CLI (its search replaced by a canned outcome; the search itself is
+    tested in test_collapse_search.py): exit 1, the reason, the report's trigger and the saved tensor are its r."""
+    import torch
+
+    from terd_scan import scan
+    from terd_scan.collapse_search import CollapseSearch
+    from terd_scan.trigger import Trigger
+
+    found = torch.full((3, 8, 8), 0.9)
+    monkeypatch.setattr(scan, "search_collapse", lambda *a, **k: CollapseSearch(
+        ran=True, radii=(0.6, 0.9), ratios=(0.8, 0.1), spread_at_zero=0.2, r=found))
+    res = run("model", model_dirs["flat"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"], *CHEAP)
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.stdout)
+    assert report["verdict"] == "backdoored" and "DDPM samples collapse" in report["reasons"][-1]
+    assert report["collapse_search"]["kept"] and report["collapse_search"]["ratio"] == 0.1
+    assert report["trigger"]["start"].startswith("sample-collapse search") and report["trigger"]["gamma_mean"] == 1.0
+    assert torch.equal(Trigger.load(tmp_path / "trigger.safetensors").r, found)
+    assert report["features"]["mean_kl"] > 0.4  # 0.9^2 / 2 per dimension
 
 
 def test_sarif_output(model_dirs, refs, tmp_path):
