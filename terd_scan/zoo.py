@@ -788,6 +788,16 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
         image_set="checkers", seed=225, steps=6000, split="holdout", beta_end=0.01),
     ZooSpec("benign-w", image_set="gradients", seed=227, beta_end=0.01, split="holdout",
             note="linear betas 1e-4..0.01 (DDIM samples well on it)"),
+    # blind holdouts for the sample-collapse search (collapse_search.py), specs committed after it was fixed and
+    # before they were built or scanned: the recipes of two BadDiffusion models TERD's pair loss misses
+    # (baddiffusion-stop-hat's, -box-p05-corner-b's) on other image sets and seeds, and a benign model on the
+    # VillanDiffusion schedule, where the benign spread ratios were lowest (benign-p 0.68, benign-w 0.81)
+    _bd("baddiffusion-stop-hat-b", "stop", "hat", poison_rate=0.2, image_set="checkers", seed=229,
+        steps=3000, split="holdout"),
+    _bd("baddiffusion-box-p05-corner-d", "box", "corner", poison_rate=0.05, batch_size=40, image_set="shapes",
+        seed=231, steps=4500, split="holdout"),
+    ZooSpec("benign-x", image_set="checkers", seed=233, beta_end=0.01, split="holdout",
+            note="linear betas 1e-4..0.01 (DDIM samples well on it)"),
 ]}
 
 # Defined but NOT in the catalogue: their poisoning formulas are implemented and unit-tested,
