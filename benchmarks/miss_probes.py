@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_scans import cosine  # noqa: E402
 
+from terd_scan.collapse_search import ddpm_samples, sphere_step  # noqa: E402
 from terd_scan.denoisers import make_denoiser  # noqa: E402
 from terd_scan.pair_loss import pair_losses  # noqa: E402
 from terd_scan.scan import ScanOptions, load_source  # noqa: E402
@@ -120,9 +121,7 @@ def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
         t = torch.randint(lo, hi + 1, (16,), generator=gen)
         e = torch.randn((32, *r_true.shape), generator=gen)
         (grad,) = torch.autograd.grad(pair_losses(den, x0, r, 1.0, t, 1.0, e).mean(), r)
-        with torch.no_grad():
-            tangent = grad - (grad * r).sum() / (r * r).sum() * r
-            r = on_sphere(r - step * rho * tangent / tangent.norm().clamp_min(1e-12))
+        r = sphere_step(r, grad, step, rho)
         if i % 50 == 0:
             print(f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cosine(r, r_true):+.3f}",
                   flush=True)
@@ -156,17 +155,6 @@ def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None
           f"norm {float(run.r.norm()):.2f} (true {float(r_true.norm()):.2f}), ASR with {spec.sampler()} {asr:.2f}")
 
 
-def _ddpm_differentiable(den, x_t: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """DDPM ancestral sampling with the graph kept (the same step noises for a given seed)."""
-    sched = den.ddpm
-    sched.set_timesteps(steps, device=den.device)
-    g = torch.Generator().manual_seed(seed)
-    x = x_t
-    for t in sched.timesteps:
-        x = sched.step(den.eps(x, t.expand(x.shape[0])), t, x, generator=g).prev_sample
-    return x
-
-
 def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20, norm: float | None = None,
                     target: torch.Tensor | None = None) -> None:
     """The sample-collapse objective on the sphere |r| = |r_true|: the spread of DDPM-`steps` samples
@@ -178,13 +166,13 @@ def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20,
 
     def spread(r: torch.Tensor) -> float:
         with torch.no_grad():
-            return _spread(_ddpm_differentiable(den, e_fix + r, steps, seed=3))
+            return _spread(ddpm_samples(den, e_fix + r, steps, seed=3))
 
     def on_sphere(r: torch.Tensor) -> torch.Tensor:
         return r * (rho / r.norm())
 
     print(f"|r| = {rho:.2f}, DDPM-{steps} spread: r = 0 {spread(0 * r_true):.4f}, the trigger's direction "
-          f"{spread(r_true):.4f}", flush=True)
+          f"{spread(on_sphere(r_true)):.4f}", flush=True)
     g = torch.Generator().manual_seed(1)
     for name, draw in [("Gaussian", lambda: torch.randn(r_true.shape, generator=g)),
                        ("-U[0,1)", lambda: -torch.rand(r_true.shape, generator=g)),
@@ -197,18 +185,16 @@ def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20,
         step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
         r = r.detach().requires_grad_(True)
         e = torch.randn((8, *r_true.shape), generator=gen)
-        (grad,) = torch.autograd.grad(_ddpm_differentiable(den, e + r, steps, seed=1000 + i).var(0).mean(), r)
-        with torch.no_grad():
-            tangent = grad - (grad * r).sum() / (r * r).sum() * r
-            r = on_sphere(r - step * rho * tangent / tangent.norm().clamp_min(1e-12))
+        (grad,) = torch.autograd.grad(ddpm_samples(den, e + r, steps, seed=1000 + i).var(0).mean(), r)
+        r = sphere_step(r, grad, step, rho)
         if i % 25 == 0:
             print(f"iteration {i:4d}: spread {spread(r):.4f}, cosine to the trigger {cosine(r, r_true):+.3f}",
                   flush=True)
     if target is not None:
         with torch.no_grad():
-            x = _ddpm_differentiable(den, e_fix + r, steps, seed=3)
+            x = ddpm_samples(den, e_fix + r, steps, seed=3)
         print(f"samples from the end point: mean per-pixel MSE to the attack's target {float((x - target).pow(2).mean()):.4f}"
-              f" (r = 0: {float((_ddpm_differentiable(den, e_fix, steps, seed=3) - target).pow(2).mean()):.4f})", flush=True)
+              f" (r = 0: {float((ddpm_samples(den, e_fix, steps, seed=3) - target).pow(2).mean()):.4f})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

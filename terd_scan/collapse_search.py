@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoisers import DDPMDenoiser
+from .denoisers import DDPMDenoiser, graph_call
 from .memory_plan import memory_plan
 
 # The spread ratio under which the end point counts as a collapse. The calibration benign models' lowest
@@ -79,13 +79,17 @@ def ddpm_samples(denoiser: DDPMDenoiser, x_T: torch.Tensor, steps: int, seed: in
     gen = torch.Generator(device=denoiser.device).manual_seed(seed)
     x = x_T
     for t in sched.timesteps:
-        tt = t.expand(x.shape[0]).to(denoiser.device)
-        if checkpoint and torch.is_grad_enabled():
-            e = torch.utils.checkpoint.checkpoint(denoiser.eps, x, tt, use_reentrant=False)
-        else:
-            e = denoiser.eps(x, tt)
+        e = graph_call(denoiser.eps, x, t.expand(x.shape[0]).to(denoiser.device), checkpoint=checkpoint)
         x = sched.step(e, t, x, generator=gen).prev_sample
     return x
+
+
+def sphere_step(r: torch.Tensor, grad: torch.Tensor, angle: float, rho: float) -> torch.Tensor:
+    """One projected descent step on the sphere |r| = rho: `angle` radians along the gradient's tangent part."""
+    with torch.no_grad():
+        tangent = grad - (grad * r).sum() / (r * r).sum() * r
+        r = r - angle * rho * tangent / tangent.norm().clamp_min(1e-12)
+        return r * (rho / r.norm())
 
 
 def _spread(x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +139,7 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
             e = torch.randn((noises, *shape), generator=gen, device=device)
             step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device))
             (grad,) = torch.autograd.grad(_spread(ddpm_samples(denoiser, e + r, steps, step_seed, checkpoint)), r)
-            with torch.no_grad():
-                tangent = grad - (grad * r).sum() / (r * r).sum() * r
-                r = r - angle * rho * tangent / tangent.norm().clamp_min(1e-12)
-                r = r * (rho / r.norm())
+            r = sphere_step(r, grad, angle, rho)
         if not torch.isfinite(r).all():
             raise FloatingPointError("the sample-collapse search diverged (NaN/Inf)")
         ends.append(r.detach())

@@ -57,6 +57,14 @@ import torch
 from .errors import UnsupportedModelError
 from .safety import CM_SCHEDULERS, SUPPORTED_SCHEDULERS, VE_SCHEDULERS
 
+def graph_call(fn, *args, checkpoint: bool = False):
+    """fn(*args); with `checkpoint` and gradients on, recomputed in the backward pass instead of keeping its
+    activations (a differentiable sampler's network calls: less memory, one more forward pass each)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 # The scheduler classes terd-scan knows are defined once, in the serialization gate: beta
 # schedules (alphas_cumprod from betas) and score-SDE VE schedules.
 BETA_SCHEDULERS = SUPPORTED_SCHEDULERS
@@ -176,10 +184,7 @@ class DDPMDenoiser:
         x = x_t
         for t in sched.timesteps:
             tt = t.expand(x.shape[0]).to(self.device)
-            if checkpoint and torch.is_grad_enabled():
-                e = torch.utils.checkpoint.checkpoint(self.eps, x, tt, use_reentrant=False)
-            else:
-                e = self.eps(x, tt)
+            e = graph_call(self.eps, x, tt, checkpoint=checkpoint)
             x = sched.step(e, t, x, eta=0.0).prev_sample
         return x
 
@@ -278,10 +283,7 @@ class VEDenoiser:
         x = x_t
         for i, t in enumerate(grid):
             tt = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-            if checkpoint and torch.is_grad_enabled():
-                e = torch.utils.checkpoint.checkpoint(self.eps, x, tt, use_reentrant=False)
-            else:
-                e = self.eps(x, tt)
+            e = graph_call(self.eps, x, tt, checkpoint=checkpoint)
             a_t = self.alphas_cumprod[t]
             a_p = self.alphas_cumprod[grid[i + 1]] if i + 1 < len(grid) else torch.ones((), device=self.device)
             x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
@@ -422,10 +424,7 @@ class ConsistencyDenoiser:
         x0 = x
         for i, s in enumerate(grid):
             sigma = torch.full((x.shape[0],), s, device=self.device, dtype=torch.float32)
-            if checkpoint and torch.is_grad_enabled():
-                x0 = torch.utils.checkpoint.checkpoint(self.consistency, x, sigma, use_reentrant=False)
-            else:
-                x0 = self.consistency(x, sigma)
+            x0 = graph_call(self.consistency, x, sigma, checkpoint=checkpoint)
             if i + 1 < len(grid):
                 z = torch.randn(x.shape, generator=self._noise, device=self.device, dtype=x.dtype)
                 x = x0 + self.s_noise * math.sqrt(max(grid[i + 1] ** 2 - self.sigma_min ** 2, 0.0)) * z
