@@ -792,8 +792,10 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
     # before they were built or scanned: the recipes of two BadDiffusion models TERD's pair loss misses
     # (baddiffusion-stop-hat's, -box-p05-corner-b's) on other image sets and seeds, and a benign model on the
     # VillanDiffusion schedule, where the benign spread ratios were lowest (benign-p 0.68, benign-w 0.81)
-    _bd("baddiffusion-stop-hat-b", "stop", "hat", poison_rate=0.2, image_set="checkers", seed=229,
-        steps=3000, split="holdout"),
+    # baddiffusion-stop-hat-b (stop-hat's recipe on checkers) fired 28/32, under the bar (EXPERIMENTAL); this one
+    # has a stronger recipe (p = 0.3, 4500 steps, as baddiffusion-patch-tl needed), spec committed before its build
+    _bd("baddiffusion-stop-hat-c", "stop", "hat", poison_rate=0.3, image_set="checkers", seed=235,
+        steps=4500, split="holdout"),
     _bd("baddiffusion-box-p05-corner-d", "box", "corner", poison_rate=0.05, batch_size=40, image_set="shapes",
         seed=231, steps=4500, split="holdout"),
     ZooSpec("benign-x", image_set="checkers", seed=233, beta_end=0.01, split="holdout",
@@ -804,6 +806,10 @@ ZOO: dict[str, ZooSpec] = {s.name: s for s in [
 # but no build has been measured to fire (ASR >= 0.9). Build explicitly with
 # `python -m terd_scan.zoo build NAME --out DIR`; keep it only if its ASR >= 0.9.
 EXPERIMENTAL: dict[str, ZooSpec] = {s.name: s for s in [
+    # a blind holdout for the sample-collapse search (baddiffusion-stop-hat's recipe on checkers): ASR 28/32 (DDPM),
+    # under the 90% bar, so not scanned; baddiffusion-stop-hat-c replaces it
+    _bd("baddiffusion-stop-hat-b", "stop", "hat", poison_rate=0.2, image_set="checkers", seed=229,
+        steps=3000, split="holdout"),
     # built with the blind holdouts after the L1 weight change (baddiffusion-stopsign-corner's recipe on
     # shapes): ASR 28/32 (DDPM), under the 90% bar
     _bd("baddiffusion-stopsign-corner-b", "stop-canvas", "corner", poison_rate=0.1, image_set="shapes",
