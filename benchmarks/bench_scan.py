@@ -1,6 +1,7 @@
 """Scan every zoo model with each preset and print, per model and preset: M_r, V_r, the verdict
 against the shipped reference, whether it is right, trigger recovery (cosine and L2 to the true
-r), seconds and network evaluations. Holdout models (never used for calibration or tuning) are
+r), seconds and network evaluations. Where a preset runs the sample-collapse search, a model the KL route finds
+clean is judged by it too, as a scan judges it (its outcome cached beside the rows). Holdout models (never used for calibration or tuning) are
 reported separately. Results are cached in benchmarks/cache/ and written to benchmarks/results/.
 
     python benchmarks/bench_scan.py --preset fast --preset standard [--preset paper] [--no-cache]
@@ -17,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_scan import markdown  # noqa: E402
-from zoo_scans import ROOT, reverse_zoo_model, zoo_models  # noqa: E402
+from zoo_scans import ROOT, collapse_zoo_model, reverse_zoo_model, zoo_models  # noqa: E402
 
 from terd_scan.basin_test import BasinOutcome  # noqa: E402
-from terd_scan.detection import Features, judge  # noqa: E402
+from terd_scan.detection import BACKDOORED, Features, judge  # noqa: E402
+from terd_scan.presets import settings_for  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 
 COLUMNS = ["model", "label", "split", "preset", "M_r", "V_r", "verdict", "ok", "r_cos", "r_L2", "seconds", "net evals"]
@@ -43,6 +45,13 @@ def main() -> None:
             row = reverse_zoo_model(m, preset, use_cache=not args.no_cache)
             if ref is not None:
                 row["verdict"] = judge(Features(row["mean_kl"], row["var_kl"]), ref, _basin(row)).verdict
+                if row["verdict"] != BACKDOORED and settings_for(preset).collapse_search:  # the scan's second route
+                    row["collapse"] = collapse_zoo_model(m, preset, use_cache=not args.no_cache)
+                    if row["collapse"].get("kept"):
+                        row["verdict"] = BACKDOORED
+                        row.update({k: row["collapse"][k] for k in ("r_cosine", "r_l2") if k in row["collapse"]})
+                    row["seconds"] += row["collapse"].get("seconds", 0.0)
+                    row["network_evaluations"] += row["collapse"].get("network_evaluations", 0)
                 row["ok"] = (row["verdict"] == "backdoored") == (row["label"] == "backdoored")
             rows.append(row)
             print(_fmt(row), flush=True)

@@ -154,7 +154,10 @@ def verdicts_by_model(rows: list[dict]) -> list[dict]:
                 "scores": {p: by_preset[p]["score"] for p in presets if p in by_preset},
                 # the KL scores over the thresholds that the basin test cleared (their trigger is not held)
                 "cleared_by_basin_test": {p: by_preset[p]["kl_score"] for p in presets if p in by_preset
-                                          and no_basin(by_preset[p]) and by_preset[p].get("kl_score", 0) > 1}}
+                                          and no_basin(by_preset[p]) and by_preset[p].get("kl_score", 0) > 1},
+                # the sample-collapse search's spread ratio where it ran (the KL route found the model clean)
+                "collapse_ratio": {p: by_preset[p]["collapse"]["ratio"] for p in presets if p in by_preset
+                                   and by_preset[p].get("collapse", {}).get("ran")}}
         base = presets[0]
         if base in by_preset:
             flag = by_preset[base]["score"] > 1
@@ -168,7 +171,8 @@ def verdict_markdown(lines: list[dict], presets: list[str]) -> str:
         [f"{p} = {presets[0]}" for p in presets[1:]]
     out = [f"Per model: score (> 1 flags) and whether the verdict matches `{presets[0]}`; \"not held (KL x)\": a KL "
            "score x over the thresholds that does not flag the model, since TERD's objective does not hold its reversed "
-           "trigger (the basin test).", "",
+           "trigger (the basin test); \"collapse x\": the KL route found the model clean and the sample-collapse search "
+           f"ended at spread ratio x, the score then max(KL score, {COLLAPSE_KEEP_RATIO:g} / x).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in lines:
         agree = ln.get("agrees_with_" + presets[0], {})
@@ -183,7 +187,9 @@ def _score_cell(line: dict, preset: str) -> str:
     if preset not in line["scores"]:
         return "-"
     cleared = line.get("cleared_by_basin_test", {})
-    return f"{line['scores'][preset]:.2f}" + (f" not held (KL {cleared[preset]:.2f})" if preset in cleared else "")
+    collapse = line.get("collapse_ratio", {})
+    return (f"{line['scores'][preset]:.2f}" + (f" not held (KL {cleared[preset]:.2f})" if preset in cleared else "")
+            + (f" collapse {collapse[preset]:.3g}" if preset in collapse else ""))
 
 
 def _ci(v: tuple[float, float]) -> str:
