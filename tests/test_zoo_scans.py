@@ -193,6 +193,14 @@ class TestBenignCalibration(ZooModel):
             assert report[search]["seeded_run"] is False, search
         assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
 
+    def test_its_ddpm_samples_do_not_collapse(self, scans):
+        """The KL route finds it clean, so the default preset's sample-collapse search runs, and finds no noise
+        whose DDPM samples collapse (ratio 1.03 in benchmarks/results/quality-fast-standard.md)."""
+        _, report, _ = scans(self.name)
+        collapse = report["collapse_search"]
+        assert collapse["ran"] and not collapse["kept"] and collapse["ratio"] > 0.8, collapse
+        assert report["timing"]["collapse_search_seconds"] > 0
+
 
 @pytest.mark.slow  # three other benign verdicts stay in the default run; this one's is in the benchmark table
 class TestBenignFineTune(ZooModel):
@@ -200,7 +208,10 @@ class TestBenignFineTune(ZooModel):
 
 
 # flagged by the standard preset until its L1 weight went from the paper's 5e-5 to 2e-3 (1.02 -> 0.94 x the
-# threshold, each with its own reference of 10 benign models x 2 seeds); docs/QUALITY.md, "TERD's L1 weight lambda"
+# threshold, each with its own reference of 10 benign models x 2 seeds); docs/QUALITY.md, "TERD's L1 weight lambda".
+# Slow since the sample-collapse search runs on every clean verdict of the default preset (about 100 s more a
+# benign scan): benign-a and benign-n keep that check in the default run.
+@pytest.mark.slow
 class TestBenignHoldout(ZooModel):
     name = "benign-e"
 
