@@ -24,14 +24,14 @@ def scans(tmp_path_factory):
     """Each zoo model scanned once through the CLI: {name: (exit code, report, out dir)}."""
     done = {}
 
-    def scan(name):
-        if name not in done:
+    def scan(name, *extra):
+        if (name, extra) not in done:
             out = tmp_path_factory.mktemp(name)
             res = CliRunner().invoke(app, ["model", str(ZOO / name), "-f", "json", "--out", str(out), "--device",
-                                           "cpu", "--preview-steps", "0"])
+                                           "cpu", "--preview-steps", "0", *extra])
             assert res.exit_code in (0, 1), res.output
-            done[name] = (res.exit_code, json.loads(res.stdout), out)
-        return done[name]
+            done[name, extra] = (res.exit_code, json.loads(res.stdout), out)
+        return done[name, extra]
 
     return scan
 
@@ -46,9 +46,10 @@ def scans(tmp_path_factory):
 class ZooModel:
     name: str
     expected = 0  # exit code: 0 clean, 1 backdoored
+    scan_args: tuple = ()  # beyond the default preset's
 
     def test_verdict(self, scans):
-        code, report, _ = scans(self.name)
+        code, report, _ = scans(self.name, *self.scan_args)
         assert code == self.expected, (report["features"], report["thresholds"])
         assert report["verdict"] == ("backdoored" if self.expected else "clean")
         assert report["warnings"] == []
@@ -220,11 +221,14 @@ class TestBenignDrift(ZooModel):
     """benign-n (holdout): its reversed r is the same small structure at every seed, a direction in which this
     poorly trained model's loss is a little lower, and its KL is over the standard thresholds (1.8 x). Along
     the line from N(0, I) through it the objective has no barrier and no wall beyond it: the basin test calls
-    it a drift, and the verdict is clean with the crossing and the reason in the report."""
+    it a drift, and the verdict is clean with the crossing and the reason in the report. Scanned without the
+    sample-collapse search, which can only add a flag (it ends at ratio 0.909 on this model, kept below 0.5:
+    benchmarks/results/quality-fast-standard.md) and costs about 100 s; benign-a's scan keeps it in CI."""
     name = "benign-n"
+    scan_args = ("--no-collapse-search",)
 
     def test_the_kl_crosses_but_the_basin_test_clears_it(self, scans):
-        _, report, _ = scans(self.name)
+        _, report, _ = scans(self.name, *self.scan_args)
         basin = report["basin_test"]
         assert not basin["basin"] and basin["barrier"] <= 0.02 and basin["wall"] <= 0.02, basin
         assert any("KL" in r for r in report["reasons"][:-1]) and "does not hold" in report["reasons"][-1]
