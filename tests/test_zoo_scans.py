@@ -217,6 +217,7 @@ class TestBenignHoldout(ZooModel):
     name = "benign-e"
 
 
+@pytest.mark.slow  # CI time: benign-a's default-preset scan stays in the default run
 class TestBenignDrift(ZooModel):
     """benign-n (holdout): its reversed r is the same small structure at every seed, a direction in which this
     poorly trained model's loss is a little lower, and its KL is over the standard thresholds (1.8 x). Along
