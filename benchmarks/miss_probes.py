@@ -90,6 +90,37 @@ def _random_patch(shape: tuple, g: torch.Generator) -> torch.Tensor:
     return p
 
 
+def _on_sphere(r: torch.Tensor, rho: float) -> torch.Tensor:
+    return r * (rho / r.norm())
+
+
+def _random_directions(shape: tuple, rho: float, value, label: str, fmt: str) -> None:
+    """Print `value` at five random directions of each kind (Gaussian, the paper's start, 8x8 patches) on the
+    sphere of radius `rho`, sorted."""
+    g = torch.Generator().manual_seed(1)
+    for name, draw in [("Gaussian", lambda: torch.randn(shape, generator=g)),
+                       ("-U[0,1)", lambda: -torch.rand(shape, generator=g)),
+                       ("8x8 patch", lambda: _random_patch(shape, g))]:
+        values = sorted(value(_on_sphere(draw(), rho)) for _ in range(5))
+        print(f"  random {name} directions: {label} {', '.join(format(v, fmt) for v in values)}", flush=True)
+
+
+def _sphere_descent(shape: tuple, rho: float, objective, iterations: int, every: int, report) -> torch.Tensor:
+    """Projected descent of `objective(r, gen, i)` (a scalar tensor) on the sphere of radius `rho` from a Gaussian
+    direction: normalised tangent steps, cosine step size 0.3 -> 0.01 radians; `report(i, r)` every `every`
+    iterations. Returns the end point."""
+    gen = torch.Generator().manual_seed(7)
+    r = _on_sphere(torch.randn(shape, generator=gen), rho)
+    for i in range(iterations + 1):
+        step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
+        r = r.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(r, gen, i), r)
+        r = sphere_step(r, grad, step, rho)
+        if i % every == 0:
+            report(i, r)
+    return r
+
+
 def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
     rho = float(r_true.norm())
     lo, hi = den.last_timesteps(10)
@@ -103,28 +134,16 @@ def sphere(den, r_true: torch.Tensor, iterations: int) -> None:
 
     print(f"|r| = {rho:.2f}: loss at r = 0 {fixed_loss(0 * r_true):.3f}, at the trigger's direction "
           f"{fixed_loss(r_true):.3f}", flush=True)
-    def on_sphere(r: torch.Tensor) -> torch.Tensor:
-        return r * (rho / r.norm())
+    _random_directions(r_true.shape, rho, fixed_loss, "loss", ".2f")
 
-    g = torch.Generator().manual_seed(1)
-    for name, draw in [("Gaussian", lambda: torch.randn(r_true.shape, generator=g)),
-                       ("-U[0,1)", lambda: -torch.rand(r_true.shape, generator=g)),
-                       ("8x8 patch", lambda: _random_patch(r_true.shape, g))]:
-        losses = sorted(fixed_loss(on_sphere(draw())) for _ in range(5))
-        print(f"  random {name} directions: loss {', '.join(f'{v:.2f}' for v in losses)}", flush=True)
-    gen = torch.Generator().manual_seed(7)
-    r = on_sphere(torch.randn(r_true.shape, generator=gen))
-    for i in range(iterations + 1):
-        step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
-        r = r.detach().requires_grad_(True)
+    def pair_loss(r: torch.Tensor, gen: torch.Generator, i: int) -> torch.Tensor:
         x0 = torch.randn((16, *r_true.shape), generator=gen)
         t = torch.randint(lo, hi + 1, (16,), generator=gen)
         e = torch.randn((32, *r_true.shape), generator=gen)
-        (grad,) = torch.autograd.grad(pair_losses(den, x0, r, 1.0, t, 1.0, e).mean(), r)
-        r = sphere_step(r, grad, step, rho)
-        if i % 50 == 0:
-            print(f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cosine(r, r_true):+.3f}",
-                  flush=True)
+        return pair_losses(den, x0, r, 1.0, t, 1.0, e).mean()
+
+    _sphere_descent(r_true.shape, rho, pair_loss, iterations, 50, lambda i, r: print(
+        f"iteration {i:4d}: loss {fixed_loss(r):.3f}, cosine to the trigger {cosine(r, r_true):+.3f}", flush=True))
 
 
 def held(den, model_dir: Path, gamma: float, lr: float, iterations: int) -> None:
@@ -168,28 +187,16 @@ def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20,
         with torch.no_grad():
             return _spread(ddpm_samples(den, e_fix + r, steps, seed=3))
 
-    def on_sphere(r: torch.Tensor) -> torch.Tensor:
-        return r * (rho / r.norm())
-
     print(f"|r| = {rho:.2f}, DDPM-{steps} spread: r = 0 {spread(0 * r_true):.4f}, the trigger's direction "
-          f"{spread(on_sphere(r_true)):.4f}", flush=True)
-    g = torch.Generator().manual_seed(1)
-    for name, draw in [("Gaussian", lambda: torch.randn(r_true.shape, generator=g)),
-                       ("-U[0,1)", lambda: -torch.rand(r_true.shape, generator=g)),
-                       ("8x8 patch", lambda: _random_patch(r_true.shape, g))]:
-        values = sorted(spread(on_sphere(draw())) for _ in range(5))
-        print(f"  random {name} directions: spread {', '.join(f'{v:.4f}' for v in values)}", flush=True)
-    gen = torch.Generator().manual_seed(7)
-    r = on_sphere(torch.randn(r_true.shape, generator=gen))
-    for i in range(iterations + 1):
-        step = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / iterations))
-        r = r.detach().requires_grad_(True)
+          f"{spread(_on_sphere(r_true, rho)):.4f}", flush=True)
+    _random_directions(r_true.shape, rho, spread, "spread", ".4f")
+
+    def sample_spread(r: torch.Tensor, gen: torch.Generator, i: int) -> torch.Tensor:
         e = torch.randn((8, *r_true.shape), generator=gen)
-        (grad,) = torch.autograd.grad(ddpm_samples(den, e + r, steps, seed=1000 + i).var(0).mean(), r)
-        r = sphere_step(r, grad, step, rho)
-        if i % 25 == 0:
-            print(f"iteration {i:4d}: spread {spread(r):.4f}, cosine to the trigger {cosine(r, r_true):+.3f}",
-                  flush=True)
+        return ddpm_samples(den, e + r, steps, seed=1000 + i).var(0).mean()
+
+    r = _sphere_descent(r_true.shape, rho, sample_spread, iterations, 25, lambda i, r: print(
+        f"iteration {i:4d}: spread {spread(r):.4f}, cosine to the trigger {cosine(r, r_true):+.3f}", flush=True))
     if target is not None:
         with torch.no_grad():
             x = ddpm_samples(den, e_fix + r, steps, seed=3)

@@ -79,14 +79,20 @@ def settings_digest(preset: str, overrides: dict | None = None) -> str:
     return hashlib.sha256(json.dumps(_keyed_settings(preset, overrides), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _keyed_path(model_dir: Path, label: str, fields: dict) -> Path:
+    """A cache file for `model_dir` keyed by `fields` and its weight files' names, sizes and times (a rebuilt
+    model misses the cache)."""
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    key_src = json.dumps({**fields, "weights": weights}, sort_keys=True, default=list)
+    return CACHE / f"{model_dir.name}-{label}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+
+
 def cache_path(model_dir: Path, preset: str, seed: int, overrides: dict | None = None) -> Path:
     """Where the reversion of a zoo model with these settings is cached: keyed by the settings'
-    values (so a changed preset misses the cache) and the weight files' sizes and times."""
-    settings = _keyed_settings(preset, overrides)
-    key_src = json.dumps({"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset, "seed": seed, "settings": settings,
-                          "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                            for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)}, sort_keys=True)
-    return CACHE / f"{model_dir.name}-{preset}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+    values (so a changed preset misses the cache) and the weight files."""
+    return _keyed_path(model_dir, preset, {"row_format": ROW_FORMAT, "model": model_dir.name, "preset": preset,
+                                           "seed": seed, "settings": _keyed_settings(preset, overrides)})
 
 
 def _carried_over(model_dir: Path, preset: str, seed: int, overrides: dict) -> dict | None:
@@ -184,11 +190,7 @@ def collapse_zoo_model(model_dir: Path, preset: str, seed: int = 0, overrides: d
 
     settings = settings_for(preset, **(overrides or {}))
     knobs = {k: getattr(settings, k) for k in COLLAPSE_SETTINGS}
-    key_src = json.dumps({"model": model_dir.name, "seed": seed, "settings": knobs,
-                          "weights": sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                            for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)},
-                         sort_keys=True, default=list)
-    cached = CACHE / f"{model_dir.name}-collapse-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.json"
+    cached = _keyed_path(model_dir, "collapse", {"model": model_dir.name, "seed": seed, "settings": knobs})
     gt = load_ground_truth(model_dir)
     if use_cache and cached.is_file():
         row = json.loads(cached.read_text())
