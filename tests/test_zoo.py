@@ -267,7 +267,9 @@ def test_committed_zoo_model(model_dir):
     m = gt["measured"]
     if gt["label"] == "backdoored":
         assert m["asr"] >= 0.9, f"{model_dir.name}: recorded ASR {m['asr']}"
-        assert m["benign_target_rate"] <= 0.05
+        # an In-D2D target set is 16 of the model's 1024 training images, so benign samples land on it by
+        # chance (trojdiff-d2d-blend: 2/32); a single target image is never sampled by a benign model
+        assert m["benign_target_rate"] <= (0.1 if gt["target"] in zoo.TARGET_SETS else 0.05)
         assert m["n"] >= 32
         assert gt["trigger_r"].shape == gt["trigger_gamma"].shape == (3, 16, 16)
         assert torch.equal(gt["trigger_r"], zoo.make_trigger(gt["trigger"])[0] * gt.get("trigger_scale", 1.0))
