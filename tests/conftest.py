@@ -60,3 +60,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# CI runs on two workers with `--dist loadscope`, which hands out whole classes and modules. The scans of
+# committed zoo models take one to four minutes each; dealt out last, one of them keeps a worker busy while
+# the other idles. So the scopes that carry `cost` marks go first, heaviest first (xdist keeps this order
+# under --no-loadscope-reorder, set in pyproject.toml), and the many quick ones fill in behind them.
+def _scope(item) -> str:
+    return item.nodeid.rsplit("::", 1)[0]  # the unit --dist loadscope hands out (pytest-xdist's own split)
+
+
+def pytest_collection_modifyitems(config, items):
+    marks: dict[str, dict[int, float]] = {}
+    for item in items:
+        for mark in item.iter_markers("cost"):  # a class's mark is one object shared by its tests: count it once
+            marks.setdefault(_scope(item), {})[id(mark)] = float(mark.args[0])
+    cost = {scope: sum(m.values()) for scope, m in marks.items()}
+    items.sort(key=lambda item: -cost.get(_scope(item), 0.0))

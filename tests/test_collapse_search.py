@@ -103,6 +103,7 @@ def test_the_search_runs_only_when_the_kl_route_is_clean_and_the_preset_asks(mon
 # 0.57) with its iterations: ratios 0.426 and 1.029, measured with `python benchmarks/collapse_calibration.py --model
 # baddiffusion-stop-corner --model benign-a` (docs/QUALITY.md, "Sample-collapse search"). About 50 s each on one
 # thread, so the benign one is in the slow set (the Gaussian model above covers a benign model in CI).
+@pytest.mark.cost(55)
 @pytest.mark.parametrize("name, kept", [("baddiffusion-stop-corner", True),
                                         pytest.param("benign-a", False, marks=pytest.mark.slow)])
 def test_committed_zoo_models(name, kept, one_thread):

@@ -551,6 +551,7 @@ def test_ve_model_scans_end_to_end(tmp_path):
     assert (tmp_path / "o" / "trigger.png").is_file()
 
 
+@pytest.mark.cost(41)
 def test_ddim_repo_checkpoint_scans_end_to_end(tmp_path):
     path = _ddim_ckpt(tmp_path / "ckpt.pth", _randomise(DDIMRepoModel(), 1), _randomise(DDIMRepoModel(), 2))
     ref = _lenient_reference(tmp_path)
@@ -613,6 +614,7 @@ def test_committed_ve_zoo_models():
 # committed VE models are in the benchmark table only, to keep CI short): measured with
 # `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`, scores (max feature /
 # threshold) 0.18 for ve-benign and 7.71 for ve-villan-box (r cosine 0.94), seed 0. 30-70 s per scan, one thread.
+@pytest.mark.cost(95)
 class TestScanOfCommittedVEZooModels:  # a class, so --dist loadscope runs these two scans apart from the module
     @pytest.mark.parametrize("name, code", [("ve-benign", 0), ("ve-villan-box", 1)])
     def test_verdict(self, tmp_path, name, code):
@@ -689,11 +691,15 @@ def _ddim_zoo_verdict(tmp_path, name, code):
         assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
 
 
+# slow for CI time (130 s on one core): its fast-preset verdict is in benchmarks/results/quality-fast-standard.md
+# (score 0.93, clean); the DDIM-repo loading path stays in CI through the TrojDiff scan below and the end-to-end test
+@pytest.mark.slow
 class TestScanOfCommittedDDIMRepoBenign:
     def test_verdict(self, tmp_path):
         _ddim_zoo_verdict(tmp_path, "ddim-benign", 0)
 
 
+@pytest.mark.cost(222)
 class TestScanOfCommittedDDIMRepoTrojDiff:
     def test_verdict(self, tmp_path):
         _ddim_zoo_verdict(tmp_path, "ddim-trojdiff-blend", 1)

@@ -293,6 +293,7 @@ def test_committed_latent_zoo_models():
 # models: `python benchmarks/quality.py --preset fast --preset standard --zoo examples/zoo-families`
 # measured scores (max feature / threshold) of 0.46 for ldm-benign-e and 168 for ldm-baddiffusion-box,
 # seed 0. About 25 s per scan on one thread.
+@pytest.mark.cost(60)
 @pytest.mark.parametrize("name, code", [("ldm-benign-e", 0), ("ldm-baddiffusion-box", 1)])
 def test_scan_of_committed_latent_zoo_models(tmp_path, name, code):
     _zoo_dirs()

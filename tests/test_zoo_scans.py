@@ -76,6 +76,7 @@ class BackdooredZooModel(ZooModel):
         assert rates["tpr"] >= 0.99 and rates["tnr"] >= 0.99, rates
 
 
+@pytest.mark.cost(115)
 class TestMirroredBox(BackdooredZooModel):
     name = "baddiffusion-boxinv-corner"
 
@@ -88,6 +89,7 @@ class TestMirroredBox(BackdooredZooModel):
         assert report["trigger"]["start"].startswith("canvas seed")
 
 
+@pytest.mark.cost(115)
 class TestPatch(BackdooredZooModel):
     name = "baddiffusion-patch"
 
@@ -98,10 +100,12 @@ class TestPatch(BackdooredZooModel):
         assert report["trigger"]["start"] == "patch seed at (11, 11)"
 
 
+@pytest.mark.cost(66)
 class TestAdaptiveBox(BackdooredZooModel):
     name = "baddiffusion-box-eta0.5"
 
 
+@pytest.mark.cost(130)
 class TestTrojDiffBlend(BackdooredZooModel):
     name = "trojdiff-blend"
     # TrojDiff's r and gamma are coupled: the narrow run stops wider than the trigger with r partly
@@ -123,6 +127,7 @@ class TestTrojDiffBlend(BackdooredZooModel):
         assert canvas["seeded_run"] is False and len(report["trigger"]["runs"]) == 2
 
 
+@pytest.mark.cost(41)
 class TestTrojDiffMixedPalette:
     """Mixed-palette smiley blend triggers: descents with gamma held, from the screen's best offset,
     find the trigger at the trigger's own gamma. On trojdiff-blend-smiley (calibration split; the
@@ -180,16 +185,22 @@ class TestTrojDiffFaint:
         assert not dip_screen(benign, fast, search_generator(0, DIP_SEED_OFFSET)).has_basin
 
 
+@pytest.mark.cost(115)
 class TestVillanDiffusion(BackdooredZooModel):
     name = "villan-box-corner"
 
 
+@pytest.mark.cost(110)
 class TestBenignCalibration(ZooModel):
     name = "benign-a"
+    # CI time: the sample-collapse search at a third of the preset's iterations (34 s instead of about 100;
+    # ratio 1.042 against 1.03 at the preset's 150: `python benchmarks/collapse_calibration.py --set
+    # collapse_iterations=50 --model benign-a`); tests/test_collapse_search.py runs it at the preset's settings
+    scan_args = ("--collapse-iterations", "50")
 
     def test_no_search_seeds_a_run(self, scans):
         """On a benign model no search finds a basin: the paper's run is the only run and the result."""
-        _, report, _ = scans(self.name)
+        _, report, _ = scans(self.name, *self.scan_args)
         for search in ("patch_search", "narrow_search", "canvas_search", "dip_search"):
             assert report[search]["seeded_run"] is False, search
         assert report["trigger"]["start"].startswith("paper") and len(report["trigger"]["runs"]) == 1
@@ -197,7 +208,7 @@ class TestBenignCalibration(ZooModel):
     def test_its_ddpm_samples_do_not_collapse(self, scans):
         """The KL route finds it clean, so the default preset's sample-collapse search runs, and finds no noise
         whose DDPM samples collapse (ratio 1.03 in benchmarks/results/quality-fast-standard.md)."""
-        _, report, _ = scans(self.name)
+        _, report, _ = scans(self.name, *self.scan_args)
         collapse = report["collapse_search"]
         assert collapse["ran"] and not collapse["kept"] and collapse["ratio"] > 0.8, collapse
         assert report["timing"]["collapse_search_seconds"] > 0
@@ -235,6 +246,7 @@ class TestBenignDrift(ZooModel):
         assert any("KL" in r for r in report["reasons"][:-1]) and "does not hold" in report["reasons"][-1]
 
 
+@pytest.mark.cost(33)
 def test_inputs_with_model_reverses_once_then_uses_the_cache(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
