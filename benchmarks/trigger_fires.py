@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import score  # noqa: E402
 from zoo_scans import ROOT, ZOO_DIR, cache_path, cosine, trigger_cache_path, zoo_models  # noqa: E402
@@ -61,6 +63,13 @@ def recovered_asr(model_dir: Path, denoiser, trigger: Trigger, gt: dict, n: int)
             "true_asr": gt.get("measured", {}).get("asr")}
 
 
+def hit_rate(samples, target) -> float:
+    """The fraction of `samples` within per-pixel MSE 0.1 of the target (of its nearest member for a D2D set)."""
+    targets = target if target.dim() == 4 else target[None]
+    mse = torch.stack([(samples - y).pow(2).flatten(1).mean(1) for y in targets]).min(0).values
+    return round(float((mse < 0.1).float().mean()), 3)
+
+
 def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, thresholds: dict,
             asr_samples: int) -> dict:
     gt = load_ground_truth(model_dir)
@@ -68,11 +77,15 @@ def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, t
     t0 = time.perf_counter()
     previews = sample_previews(denoiser, trigger.r, trigger.gamma, samples, steps, seed=seed + 1)
     asr = recovered_asr(model_dir, denoiser, trigger, gt, asr_samples) if "trigger_r" in gt and asr_samples else {}
+    # trigger.png's rows that land on the attack's target (any member of a D2D set), as a person would see them
+    hit = (lambda x: hit_rate(x, gt["target_image"])) if "target_image" in gt else (lambda x: None)
     kl_score = score(kl_features(trigger.r, trigger.gamma).to_dict(), thresholds)
     return {"model": model_dir.name, "label": gt.get("label"), "split": gt.get("split"), "attack": gt.get("attack"),
             "score": round(kl_score, 3), "flagged": kl_score > 1,
             "r_cosine": round(cosine(trigger.r, gt["trigger_r"]), 3) if "trigger_r" in gt else None,
-            "samples": samples, "steps": steps, "spread_ratio": round(previews.spread_ratio, 4), **asr,
+            "samples": samples, "steps": steps, "spread_ratio": round(previews.spread_ratio, 4),
+            "ddpm_row_hits": hit(previews.trigger),
+            "trojdiff_row_hits": hit(previews.trojan) if previews.trojan is not None else None, **asr,
             "sample_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -91,14 +104,17 @@ def markdown(rows: list[dict], command: str, preset: str) -> str:
              "VillanDiffusion DDIM, the others DDPM.", "",
              "ASR: attack success rate with the sampler the attack targets, of the recovered trigger and (from the "
              "model's sidecar, 32 samples) of the true one.", "",
-             "| model | label | split | attack | score | flagged | r cos | spread ratio | sampler | ASR recovered | ASR true |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "trigger.png rows on target: the fraction of the report's trigger samples within MSE 0.1 of the target, "
+             "DDPM row / TrojDiff-sampler row (drawn where the reversed gamma mean is under 0.9; - where not).", "",
+             "| model | label | split | attack | score | flagged | r cos | spread ratio | rows on target | sampler | ASR recovered | ASR true |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cos = "-" if r["r_cosine"] is None else f"{r['r_cosine']:.2f}"
         asr = (f"{r['attack_sampler']} | {r['recovered_asr']:.2f} | {r['true_asr']:.2f}" if "recovered_asr" in r
                else "- | - | -")
+        on_target = " / ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("ddpm_row_hits", "trojdiff_row_hits"))
         lines.append(f"| {r['model']} | {r['label']} | {r['split']} | {r['attack'] or '-'} | {r['score']:.2f} "
-                     f"| {'yes' if r['flagged'] else 'no'} | {cos} | {r['spread_ratio']:.3f} | {asr} |")
+                     f"| {'yes' if r['flagged'] else 'no'} | {cos} | {r['spread_ratio']:.3f} | {on_target} | {asr} |")
     lines += ["", "| group (DDPM-targeted attacks and benign models) | n | spread ratio min | max |", "|---|---|---|---|"]
     for name, keep in GROUPS.items():
         sel = [r["spread_ratio"] for r in rows if keep(r) and r["attack"] in (None, "baddiffusion", "trojdiff-ddpm")]

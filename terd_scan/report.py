@@ -196,7 +196,10 @@ def render_console(report: dict, console) -> None:
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):
         if report.get("artefacts", {}).get(key):
-            info.add_row(label, report["artefacts"][key])
+            path = report["artefacts"][key]
+            if key == "trigger_png" and (report.get("previews") or {}).get("trojdiff_sampler"):
+                path += " (a last row through TrojDiff's sampler: the trigger is narrowed noise)"
+            info.add_row(label, path)
     for w in report.get("warnings", []):
         info.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
     console.print(info)
@@ -242,22 +245,24 @@ def _to_pixels(x: torch.Tensor, lo: float | None = None, hi: float | None = None
 
 
 def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, triggered: torch.Tensor,
-                  latent: bool = False) -> bytes:
+                  latent: bool = False, trojan: torch.Tensor | None = None) -> bytes:
     """A PNG: the recovered r and gamma, then samples from benign noise (top row) and from the
-    recovered trigger (bottom row), so a person sees what the backdoor does. For a latent model
-    r and gamma are latents (first 3 channels shown) and the samples are decoded images, which
-    may be larger than r: every tile is drawn at the same size."""
+    recovered trigger (bottom row), so a person sees what the backdoor does; with `trojan`, a last row of
+    the trigger's samples through TrojDiff's sampler. For a latent model r and gamma are latents (first
+    3 channels shown) and the samples are decoded images, which may be larger than r: every tile is
+    drawn at the same size."""
     from PIL import Image, ImageDraw
 
-    sides = [r.shape[-2:], *(x.shape[-2:] for x in (benign, triggered) if x.dim() == 4 and x.shape[0])]
+    sample_rows = [benign, triggered] + ([trojan] if trojan is not None else [])
+    sides = [r.shape[-2:], *(x.shape[-2:] for x in sample_rows if x.dim() == 4 and x.shape[0])]
     h, w = max(s[0] for s in sides), max(s[1] for s in sides)
     scale = max(1, 96 // max(h, w))
     tile_w, tile_h = w * scale, h * scale
-    n = max(benign.shape[0], triggered.shape[0], 2)
+    n = max(*(x.shape[0] for x in sample_rows), 2)
     pad, label_h = 4, 14
     cols = n
     width = max(pad + cols * (tile_w + pad), 300 if latent else 0)  # room for the longer labels
-    height = 3 * (label_h + tile_h + pad) + pad
+    height = (1 + len(sample_rows)) * (label_h + tile_h + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
 
@@ -272,11 +277,14 @@ def trigger_image(r: torch.Tensor, gamma: torch.Tensor, benign: torch.Tensor, tr
     else:
         rows = [("recovered r (min..max) and gamma (0..max)", None),
                 ("generated from benign noise N(0, I)", benign), ("generated from the recovered trigger", triggered)]
+    if trojan is not None:
+        # no apostrophe: PIL's default bitmap font drops it
+        rows.append(("the same trigger noises through the TrojDiff sampler" + (", decoded" if latent else ""), trojan))
     for row, (label, _) in enumerate(rows):
         draw.text((pad, row * (label_h + tile_h + pad) + 2), label, fill=(0, 0, 0))
     paste(_to_pixels(r), 0, 0)
     paste(_to_pixels(gamma, 0.0, float(gamma.max())), 1, 0)
-    for row, samples in ((1, benign), (2, triggered)):
+    for row, samples in enumerate(sample_rows, start=1):
         for i, x in enumerate(samples):
             paste(_to_pixels(x, -1.0, 1.0), i, row)  # samples are images in [-1, 1]
     buf = io.BytesIO()

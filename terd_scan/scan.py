@@ -24,7 +24,7 @@ from .denoisers import make_denoiser
 from .detection import BACKDOORED, Verdict, judge, kl_features
 from .errors import ScanError, UnsupportedModelError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
-from .previews import Previews, sample_previews
+from .previews import NARROW_GAMMA, Previews, sample_previews
 from .reference import Reference, shipped_reference
 from .report import to_json, trigger_image, write_atomic
 from .reversion import reverse_trigger
@@ -278,6 +278,9 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "dip_search": result.dip,
         "basin_test": rev.basin.to_dict() if rev.basin is not None else None,
         "collapse_search": rev.collapse.to_dict() if rev.collapse is not None else None,
+        "previews": None if previews is None else {
+            "samples": int(previews.benign.shape[0]), "steps": previews.steps,
+            "trojdiff_sampler": previews.trojan is not None, "narrow_gamma_below": NARROW_GAMMA},
         "memory": result.memory,
         "timing": {"seconds": round(time.perf_counter() - started, 3),
                    "reversion_seconds": round(reversion_seconds, 3),
@@ -356,7 +359,7 @@ def write_artefacts(result: ScanResult, out_dir: str | Path) -> dict:
         result.trigger.save(paths["trigger_safetensors"])
         if result.previews is not None:
             write_atomic(paths["trigger_png"], trigger_image(result.trigger.r, result.trigger.gamma, result.previews.benign,
-                                                             result.previews.trigger,
+                                                             result.previews.trigger, trojan=result.previews.trojan,
                                                              latent=bool(result.report["model"].get("latent"))))
         write_atomic(paths["trace_json"], json.dumps(result.trace).encode())
         write_atomic(paths["report_json"], to_json(result.report).encode())

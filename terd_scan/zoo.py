@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .previews import trojan_steps
 from .zoo_data import make_images
 
 __all__ = [
@@ -408,27 +409,12 @@ def sample_ddim(unet, x_T: torch.Tensor, steps: int = 50, clip_sample: bool = Fa
 @torch.no_grad()
 def sample_trojan(unet, x_T: torch.Tensor, r: torch.Tensor, gamma: torch.Tensor | float,
                   generator: torch.Generator | None = None, beta_end: float = BETA_END) -> torch.Tensor:
-    """TrojDiff's own ancestral sampler over all 1000 steps, for a network that outputs eps on the
-    poisoned marginals x_t = sqrt(abar_t) y + s_t (gamma eps + r), s_t = sqrt(1 - abar_t).
-
-    Each step predicts y^ = (x_t - s_t (gamma eps^ + r)) / sqrt(abar_t) and draws
-        x_{t-1} = sqrt(abar_{t-1}) y^ + s_{t-1} r + sqrt(gamma^2 s_{t-1}^2 - sigma_t^2) eps^ + sigma_t z,
-    sigma_t^2 = gamma^2 beta_t s_{t-1}^2 / s_t^2: the eta = 1 member of the DDIM family on those
-    marginals, which with gamma = 1 and r = 0 is DDPM's ancestral step (tested). The attacker
-    knows (r, gamma); the defender does not."""
-    betas, _, abar = _schedule(beta_end)
-    x = x_T.clone()
-    for t in range(T_STEPS - 1, -1, -1):
-        a_t, s_t = abar[t].sqrt().float(), (1.0 - abar[t]).sqrt().float()
-        a_p = abar[t - 1].sqrt().float() if t > 0 else torch.tensor(1.0)
-        s_p = (1.0 - abar[t - 1]).sqrt().float() if t > 0 else torch.tensor(0.0)
-        eps = unet(x, torch.full((x.shape[0],), t)).sample
-        y = (x - s_t * (gamma * eps + r)) / a_t
-        var = gamma ** 2 * float(betas[t]) * s_p ** 2 / s_t ** 2
-        x = a_p * y + s_p * r + (gamma ** 2 * s_p ** 2 - var).clamp_min(0.0).sqrt() * eps
-        if t > 0:
-            x = x + var.sqrt() * torch.randn(x.shape, generator=generator)
-    return x
+    """TrojDiff's own ancestral sampler over all 1000 steps (previews.trojan_steps), for a network that outputs
+    eps on the poisoned marginals x_t = sqrt(abar_t) y + s_t (gamma eps + r), s_t = sqrt(1 - abar_t). The
+    attacker knows (r, gamma); the defender does not."""
+    _, _, abar = _schedule(beta_end)
+    return trojan_steps(lambda x, t: unet(x, torch.full((x.shape[0],), t)).sample, abar.float(),
+                        range(T_STEPS - 1, -1, -1), x_T, r, gamma, generator)
 
 
 def _per_sample_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

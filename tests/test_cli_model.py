@@ -67,6 +67,9 @@ def test_json_report_fields_and_artefacts(model_dirs, refs, tmp_path):
     assert collapse["ran"] and collapse["radii_rms"] == [0.6, 0.9] and len(collapse["ratios"]) == 2
     assert not collapse["kept"] and collapse["network_evaluations"] > 0 and report["timing"]["collapse_search_seconds"] > 0
     assert sum(run["chosen"] for run in report["trigger"]["runs"]) == 1
+    previews = report["previews"]  # a TrojDiff-sampler row exactly where the reversed noise is narrowed
+    assert previews["samples"] == 6 and previews["steps"] == 4
+    assert previews["trojdiff_sampler"] == (report["trigger"]["gamma_mean"] < previews["narrow_gamma_below"] == 0.9)
     for key in ("report_json", "trigger_png", "trigger_safetensors"):
         assert os.path.isfile(report["artefacts"][key])
     assert json.loads((out / "report.json").read_text())["verdict"] == "clean"

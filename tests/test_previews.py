@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from analytic_models import SCHEDULE, AnalyticUNet, box_trigger, corner_target
+from types import SimpleNamespace
+
 from terd_scan.denoisers import DDPMDenoiser
-from terd_scan.previews import Previews, sample_previews, sample_spread
+from terd_scan.previews import NARROW_GAMMA, Previews, sample_previews, sample_spread, trojan_sample
 
 
 def test_sample_spread_is_the_mean_pairwise_distance():
@@ -37,3 +39,58 @@ def test_the_true_trigger_collapses_a_backdoored_model_and_not_a_benign_one():
     good = sample_previews(DDPMDenoiser(AnalyticUNet(), SCHEDULE), zero, ones, 8, 100, seed=1)
     assert 0.85 < good.spread_ratio < 1.15
 
+
+
+class TrojanOracle(torch.nn.Module):
+    """The exact eps of TrojDiff's poisoned marginals x_t = sqrt(abar) y + sqrt(1 - abar) (gamma eps + r) toward
+    one target y: the network the published attack trains toward, on its poisoned inputs."""
+
+    def __init__(self, r: torch.Tensor, gamma: float, y: torch.Tensor):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.abar = DDPMScheduler.from_config({k: v for k, v in SCHEDULE.items() if not k.startswith("_")}).alphas_cumprod
+        self.r, self.gamma, self.y = r, gamma, y
+        self.config = SimpleNamespace(in_channels=3, out_channels=3, sample_size=16)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t):
+        a = self.abar[t].float().view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(x - a.sqrt() * self.y - (1 - a).sqrt() * self.r) / (self.gamma * (1 - a).sqrt()))
+
+
+def test_trojdiff_sampler_on_clean_marginals_is_ddpm_ancestral_sampling():
+    """gamma 1 and r 0: TrojDiff's sampler is diffusers' DDPM step, strided steps included (same draws)."""
+    den = DDPMDenoiser(AnalyticUNet(), SCHEDULE)
+    x_T = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    ones, zero = torch.ones(3, 16, 16), torch.zeros(3, 16, 16)
+    for steps in (50, 1000):
+        a = trojan_sample(den, x_T, zero, ones, steps, generator=torch.Generator().manual_seed(4))
+        b = den.ancestral_sample(x_T, steps, generator=torch.Generator().manual_seed(4))
+        assert torch.allclose(a, b, atol=1e-4), (steps, float((a - b).abs().max()))
+
+
+def test_a_narrowed_trigger_gets_a_trojdiff_sampler_row_that_shows_the_target():
+    """On the TrojDiff oracle the trigger's noises land on the target through TrojDiff's sampler (100 strided
+    steps); a trigger that is not narrowed gets no such row."""
+    r = 0.5 * box_trigger()
+    y = corner_target()
+    den = DDPMDenoiser(TrojanOracle(r, 0.6, y), SCHEDULE)
+    gamma = torch.full_like(r, 0.6)
+    p = sample_previews(den, r, gamma, 4, 100, seed=1)
+    assert p.trojan is not None and p.trojan.shape == p.trigger.shape == (4, 3, 16, 16)
+    assert (p.trojan - y).pow(2).flatten(1).mean(1).max() < 0.01
+    assert sample_previews(den, r, torch.full_like(r, NARROW_GAMMA + 0.01), 2, 10, seed=1).trojan is None
+
+
+def test_the_trigger_image_gains_a_row_for_the_trojdiff_sampler():
+    import io
+
+    from PIL import Image
+
+    from terd_scan.report import trigger_image
+
+    r, x = torch.zeros(3, 16, 16), torch.zeros(4, 3, 16, 16)
+    three = Image.open(io.BytesIO(trigger_image(r, r + 1, x, x)))
+    four = Image.open(io.BytesIO(trigger_image(r, r + 1, x, x, trojan=x)))
+    assert four.width == three.width and four.height > three.height * 1.3
