@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import score  # noqa: E402
 from zoo_scans import ROOT, ZOO_DIR, cache_path, cosine, trigger_cache_path, zoo_models  # noqa: E402
@@ -38,7 +36,7 @@ from terd_scan.previews import sample_previews  # noqa: E402
 from terd_scan.reference import shipped_reference  # noqa: E402
 from terd_scan.scan import ScanOptions, load_source, reverse_model  # noqa: E402
 from terd_scan.trigger import Trigger  # noqa: E402
-from terd_scan.zoo import ZOO, load_ground_truth, measure_asr  # noqa: E402
+from terd_scan.zoo import ASR_MSE_THRESHOLD, ZOO, load_ground_truth, measure_asr, target_mse  # noqa: E402
 
 
 def reversed_trigger(model_dir: Path, preset: str, seed: int) -> tuple[Trigger, object]:
@@ -64,10 +62,8 @@ def recovered_asr(model_dir: Path, denoiser, trigger: Trigger, gt: dict, n: int)
 
 
 def hit_rate(samples, target) -> float:
-    """The fraction of `samples` within per-pixel MSE 0.1 of the target (of its nearest member for a D2D set)."""
-    targets = target if target.dim() == 4 else target[None]
-    mse = torch.stack([(samples - y).pow(2).flatten(1).mean(1) for y in targets]).min(0).values
-    return round(float((mse < 0.1).float().mean()), 3)
+    """The fraction of `samples` that hit the target by the zoo's ASR rule (nearest member of a D2D set)."""
+    return round(float((target_mse(samples, target) < ASR_MSE_THRESHOLD).float().mean()), 3)
 
 
 def measure(model_dir: Path, preset: str, seed: int, samples: int, steps: int, thresholds: dict,

@@ -57,6 +57,7 @@ import torch
 from .errors import UnsupportedModelError
 from .safety import CM_SCHEDULERS, SUPPORTED_SCHEDULERS, VE_SCHEDULERS
 
+
 def graph_call(fn, *args, checkpoint: bool = False):
     """fn(*args); with `checkpoint` and gradients on, recomputed in the backward pass instead of keeping its
     activations (a differentiable sampler's network calls: less memory, one more forward pass each)."""

@@ -8,8 +8,8 @@ measured it on the zoo (benchmarks/results/trigger-fires-fast.md) and found it n
 With the report's 6 samples the benign models spread 0.73-1.17, overlapping a partial collapse;
 and an attack aimed at another sampler does not fire in DDPM samples (trojdiff-blend's trigger,
 recovered with cosine 0.69, spreads 7.4 under DDPM: its backdoor fires under TrojDiff's sampler).
-So where the recovered noise is narrowed (gamma mean under NARROW_GAMMA, TrojDiff's signature) a third row
-samples it with TrojDiff's own sampler, which is what such an attacker samples with.
+So where the recovered noise is narrowed (gamma mean under NARROW_GAMMA, TrojDiff's signature) a third sample row
+samples the same trigger noises with TrojDiff's own sampler, which is what such an attacker samples with.
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ def sample_previews(denoiser, r: torch.Tensor, gamma: torch.Tensor, samples: int
     shape = (samples, *denoiser.input_shape)
     noise = torch.randn(shape, generator=gen, device=device)
     r, gamma = r.to(device), gamma.to(device)
+    triggered = gamma * noise + r
     decode = getattr(denoiser, "decode", lambda x: x)  # latent diffusion: show images, not latents
-    both = decode(denoiser.ancestral_sample(torch.cat([noise, gamma * noise + r]), steps, generator=gen))
+    both = decode(denoiser.ancestral_sample(torch.cat([noise, triggered]), steps, generator=gen))
     trojan = None
     if getattr(denoiser, "ddpm", None) is not None and float(gamma.mean()) < NARROW_GAMMA:
-        trojan = decode(trojan_sample(denoiser, gamma * noise + r, r, gamma, steps, generator=gen)).cpu()
+        trojan = decode(trojan_sample(denoiser, triggered, r, gamma, steps, generator=gen)).cpu()
     return Previews(benign=both[:samples].cpu(), trigger=both[samples:].cpu(), steps=steps, trojan=trojan)
 

@@ -47,7 +47,7 @@ from .zoo_data import make_images
 
 __all__ = [
     "TrainSpec", "DDPMSpec", "ZooSpec", "warmup_cosine", "EMA", "ZOO", "EXPERIMENTAL", "build_model", "load_ground_truth",
-    "measure_asr", "make_trigger",
+    "measure_asr", "target_mse", "make_trigger",
     "make_target", "make_unet", "make_scheduler", "baddiffusion_coef", "ddim_trigger_coef",
     "villan_coef", "trojdiff_target",
     "poisoned_batch", "sample_ddpm", "sample_ddim", "ASR_MSE_THRESHOLD", "SIDECAR",
@@ -421,6 +421,14 @@ def _per_sample_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).pow(2).flatten(1).mean(1)
 
 
+def target_mse(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n,) per-pixel MSE of each sample to the target (C, H, W), or to the nearest member of a target set
+    (K, C, H, W); ASR_RULE counts a hit below ASR_MSE_THRESHOLD."""
+    if target.dim() == 4:
+        return torch.stack([_per_sample_mse(samples, y.expand_as(samples)) for y in target]).min(0).values
+    return _per_sample_mse(samples, target.expand_as(samples))
+
+
 def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor, n: int = 32,
                 sampler: str = "ddpm", seed: int = 1234, ddim_steps: int = 50,
                 benign: bool = True, return_samples: bool = False, beta_end: float = BETA_END) -> dict:
@@ -445,10 +453,7 @@ def measure_asr(unet, r: torch.Tensor, gamma: torch.Tensor, target: torch.Tensor
         out = sample_ddim(unet, x_T, steps=ddim_steps, beta_end=beta_end)
     else:
         raise ValueError(f"unknown sampler {sampler!r}")
-    if target.dim() == 4:  # a target set: the distance to its nearest member
-        mse = torch.stack([_per_sample_mse(out, y.expand_as(out)) for y in target]).min(0).values
-    else:
-        mse = _per_sample_mse(out, target.expand_as(out))
+    mse = target_mse(out, target)
     res = {
         "asr": float((mse[:n] < ASR_MSE_THRESHOLD).float().mean()),
         "trigger_mse_mean": float(mse[:n].mean()),
