@@ -4,7 +4,7 @@ each radius, for the benign models (which must stay above COLLAPSE_KEEP_RATIO) a
 thread per process; `--jobs` processes side by side.
 
     python benchmarks/collapse_calibration.py --model benign-a --model baddiffusion-stop-corner [--jobs 2]
-        [--set collapse_iterations=75] [--seed 0] [--out benchmarks/results/collapse-search.json]
+        [--set collapse_iterations=75] [--seed 0 --seed 1] [--out benchmarks/results/collapse-search.json]
 
 Writes the table as JSON and Markdown (same stem) and prints it.
 """
@@ -28,31 +28,33 @@ ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
 def _one(job: tuple) -> dict:
     name, overrides, seed = job
     torch.set_num_threads(1)
-    from terd_scan.collapse_search import COLLAPSE_SEED_OFFSET, EVAL_NOISES, ddpm_samples, search_collapse
+    from terd_scan.collapse_search import EVAL_NOISES, _sampler, search_for
     from terd_scan.denoisers import make_denoiser
     from terd_scan.presets import settings_for
     from terd_scan.scan import ScanOptions, load_source
     from terd_scan.zoo import load_ground_truth
 
     s = settings_for("standard", **overrides)
-    den = make_denoiser(load_source(str(ZOO / name), ScanOptions(device="cpu", preview_steps=0)), "cpu")
-    out = search_collapse(den, s.collapse_radii, s.collapse_iterations, s.collapse_noises, s.collapse_steps,
-                          seed + COLLAPSE_SEED_OFFSET)
-    gt = load_ground_truth(ZOO / name)
-    row = {"model": name, "label": gt["label"], "split": gt.get("split"), **out.to_dict()}
+    path = Path(name) if Path(name).is_dir() else ZOO / name
+    den = make_denoiser(load_source(str(path), ScanOptions(device="cpu", preview_steps=0)), "cpu")
+    out = search_for(den, s.to_dict(), seed)
+    gt = load_ground_truth(path)
+    row = {"model": path.name, "label": gt["label"], "split": gt.get("split"), "seed": seed, **out.to_dict()}
     if gt["label"] == "backdoored":
         row["cosine"] = round(cosine(out.r, gt["trigger_r"]), 3)
+        samples = _sampler(den, s.collapse_steps)[0]
         with torch.no_grad():
-            x = ddpm_samples(den, torch.randn((EVAL_NOISES, *den.input_shape)) + out.r, s.collapse_steps, 7)
+            x = samples(torch.randn((EVAL_NOISES, *den.input_shape)) + out.r, 7)
         row["target_mse"] = round(float((x - gt["target_image"]).pow(2).mean()), 4)
     return row
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True)
+    ap.add_argument("--model", action="append", required=True, help="a zoo name or a model folder (consistency "
+                    "models: examples/zoo-families/cm-*)")
     ap.add_argument("--set", action="append", default=[], help="a standard-preset override, name=value")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, action="append", help="repeatable (default: 0)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -61,11 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         k, v = item.split("=", 1)
         overrides[k] = tuple(float(x) for x in v.split(",")) if "," in v else (int(v) if v.isdigit() else float(v))
     with ProcessPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(_one, [(m, overrides, args.seed) for m in args.model]))
-    lines = ["| model | label | split | ratio per radius | ratio | kept | cosine | target MSE | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+        rows = list(pool.map(_one, [(m, overrides, seed) for m in args.model for seed in args.seed or [0]]))
+    lines = ["| model | label | split | seed | ratio per radius | ratio | kept | cosine | target MSE | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['label']} | {r['split']} | "
+        lines.append(f"| {r['model']} | {r['label']} | {r['split']} | {r['seed']} | "
                      f"{', '.join(f'{v:.3f}' for v in r['ratios'])} (rms {', '.join(map(str, r['radii_rms']))}) | "
                      f"{r['ratio']:.3f} | {r['kept']} | {r.get('cosine', '-')} | {r.get('target_mse', '-')} | "
                      f"{r['seconds']:.0f} |")

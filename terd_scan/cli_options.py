@@ -56,10 +56,12 @@ BasinGateOpt = Annotated[Optional[bool], typer.Option("--basin-gate/--no-basin-g
 CollapseSearchOpt = Annotated[Optional[bool], typer.Option("--collapse-search/--no-collapse-search",
                                                            help="Override: where the KL route finds the model clean, "
                                                                 "look for starting noises whose DDPM samples collapse to "
-                                                                "one image (on in standard, off in fast and paper).")]
+                                                                "one image (on in standard, off in fast and paper; on "
+                                                                "a consistency model, its only route, always on).")]
 CollapseItersOpt = Annotated[Optional[int], typer.Option("--collapse-iterations", min=1,
                                                          help="Override: descent iterations of the sample-collapse "
-                                                              "search, per sphere.")]
+                                                              "search, per sphere (per start of a sphere on a "
+                                                              "consistency model).")]
 RefineOpt = Annotated[Optional[int], typer.Option("--refine-iterations", min=0,
                                                   help="Override: iterations of each held-gamma descent of the "
                                                        "narrow-noise refinement and sweeps (0: none).")]
@@ -86,6 +88,7 @@ def scan_options(preset, seed, device, stage1_iterations, stage2_iterations, bat
                        l1_weight=l1_weight, stage2_grad_clip=grad_clip, patch_search=patch_search,
                        narrow_search=narrow_search, canvas_search=canvas_search, dip_search=dip_search,
                        narrow_refine_iterations=refine_iterations, basin_gate=basin_gate,
-                       collapse_search=collapse_search, collapse_iterations=collapse_iterations), **extra)
+                       collapse_search=collapse_search, collapse_iterations=collapse_iterations,
+                       cm_collapse_iterations=collapse_iterations), **extra)
 
 

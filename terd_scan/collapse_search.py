@@ -17,7 +17,15 @@ noises and step noises common to it and to r = 0: ratio = spread(r) / spread(0).
 radii is the outcome; it is kept when below COLLAPSE_KEEP_RATIO, which the zoo's calibration benign models
 never reach (docs/QUALITY.md, "Sample-collapse search").
 
-Only for pixel-space DDPM-family models (the sampler BadDiffusion targets); other kinds get "not run".
+Consistency models: the same search through the pipeline's default one-step consistency sampler (what a
+CM backdoor targets), and there it is the only route to a verdict (TERD's pair loss is about 1000x weaker on a
+CM, README "Consistency models"). Each sphere is descended from three starts, a Gaussian direction and the
+constant canvases +1 and -1 scaled to the radius (one-step sampling is cheap; a trigger drawn on a canvas
+sits in a basin a Gaussian start can miss), and the keep ratio is CM_COLLAPSE_KEEP_RATIO: a benign tiny
+CM's one-step samples also narrow off its data, to about a tenth of their spread at rms radius 1, while a
+backdoored one's fall to a hundredth (docs/QUALITY.md, "Consistency models").
+
+Other kinds (VE, latent diffusion) get "not run".
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoisers import DDPMDenoiser, graph_call
+from .denoisers import ConsistencyDenoiser, DDPMDenoiser, graph_call
 from .memory_plan import memory_plan
 
 # The spread ratio under which the end point counts as a collapse. The calibration benign models' lowest
 # end-point ratio and the design backdoor's are in docs/QUALITY.md ("Sample-collapse search").
 COLLAPSE_KEEP_RATIO = 0.5
+# The same for consistency models' one-step samples, from the calibration CMs (docs/QUALITY.md, "Consistency models").
+CM_COLLAPSE_KEEP_RATIO = 0.02
 EVAL_NOISES = 32
 COLLAPSE_SEED_OFFSET = 6_000_003  # its own draws, as the searches have (reversion.search_generator)
 
@@ -43,7 +53,10 @@ class CollapseSearch:
     ran: bool
     note: str = ""  # why it did not run
     radii: tuple = ()  # root-mean-square per dimension of each sphere
-    ratios: tuple = ()  # spread ratio at each sphere's end point
+    ratios: tuple = ()  # spread ratio at each sphere's end point (the lowest over its starts)
+    keep_below: float = COLLAPSE_KEEP_RATIO
+    sampler: str = ""
+    starts: tuple = ()
     spread_at_zero: float = float("nan")
     r: torch.Tensor | None = None  # the end point with the lowest ratio (CPU)
     seconds: float = 0.0
@@ -55,19 +68,24 @@ class CollapseSearch:
 
     @property
     def kept(self) -> bool:
-        return self.ran and self.ratio < COLLAPSE_KEEP_RATIO
+        return self.ran and self.ratio < self.keep_below
 
     def to_dict(self) -> dict:
         if not self.ran:
             return {"ran": False, "note": self.note}
         return {"ran": True, "radii_rms": list(self.radii), "ratios": [round(v, 4) for v in self.ratios],
-                "ratio": round(self.ratio, 4), "keep_below": COLLAPSE_KEEP_RATIO, "kept": self.kept,
+                "ratio": round(self.ratio, 4), "keep_below": self.keep_below, "kept": self.kept,
+                "sampler": self.sampler, "starts": list(self.starts),
                 "spread_at_zero": round(self.spread_at_zero, 5), "seconds": round(self.seconds, 3),
                 "network_evaluations": self.network_evaluations}
 
 
 def supports(denoiser) -> bool:
-    return type(denoiser) is DDPMDenoiser
+    return type(denoiser) in (DDPMDenoiser, ConsistencyDenoiser)
+
+
+def is_consistency(denoiser) -> bool:
+    return isinstance(denoiser, ConsistencyDenoiser)
 
 
 def ddpm_samples(denoiser: DDPMDenoiser, x_T: torch.Tensor, steps: int, seed: int,
@@ -96,14 +114,44 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
     return x.var(0).mean()
 
 
+def _sampler(denoiser, steps: int):
+    """(samples(x_T, seed, checkpoint), its name, the starts each sphere is descended from)."""
+    if is_consistency(denoiser):
+        return (lambda x_T, seed, checkpoint=False: denoiser.one_step_sample(x_T),
+                "one-step consistency sampling (the pipeline's default), no clipping", CM_STARTS)
+    return (lambda x_T, seed, checkpoint=False: ddpm_samples(denoiser, x_T, steps, seed, checkpoint),
+            f"DDPM ancestral, {steps} steps, no clipping", ("gaussian",))
+
+
+# Consistency models: each sphere from a Gaussian direction and from the constant canvases +1 and -1.
+CM_STARTS = ("gaussian", "canvas +1", "canvas -1")
+
+
+def _start(name: str, shape: tuple, gen: torch.Generator, device) -> torch.Tensor:
+    if name == "gaussian":
+        return torch.randn(shape, generator=gen, device=device)
+    return torch.full(shape, 1.0 if name == "canvas +1" else -1.0, device=device)
+
+
+def search_for(denoiser, settings: dict, seed: int) -> CollapseSearch:
+    """The search with a scan's settings (a dict of ReversionSettings fields): the cm_collapse_* ones for a
+    consistency model, the collapse_* ones otherwise."""
+    s = settings
+    if is_consistency(denoiser):
+        return search_collapse(denoiser, tuple(s["cm_collapse_radii"]), s["cm_collapse_iterations"],
+                               s["cm_collapse_noises"], 1, seed + COLLAPSE_SEED_OFFSET)
+    return search_collapse(denoiser, tuple(s["collapse_radii"]), s["collapse_iterations"], s["collapse_noises"],
+                           s["collapse_steps"], seed + COLLAPSE_SEED_OFFSET)
+
+
 def search_collapse(denoiser, radii: tuple, iterations: int, noises: int, steps: int, seed: int) -> CollapseSearch:
     """The search above at each root-mean-square radius in `radii`; deterministic given the seed and the
     device. Above 3x32x32 (memory_plan) each network call is recomputed in the backward pass and the noises
     per step are cut to what one gradient pass holds (at least 2, for a spread); a GPU that still runs out
-    of memory ends the search unrun, so the verdict is the KL route's."""
+    of memory ends the search unrun, so the verdict is the KL route's (a consistency model's: none)."""
     if not supports(denoiser):
         return CollapseSearch(ran=False, note=f"not run: the sample-collapse search covers pixel-space DDPM-family "
-                                              f"models only, not {denoiser.info().kind}")
+                                              f"models and consistency models only, not {denoiser.info().kind}")
     plan = memory_plan(denoiser.input_shape, noises, denoiser.device)
     try:
         return _search(denoiser, radii, iterations, max(2, min(noises, plan.micro_batch)), steps, seed,
@@ -117,13 +165,14 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
             checkpoint: bool) -> CollapseSearch:
     t0, evals0 = time.perf_counter(), denoiser.evaluations
     device, shape = denoiser.device, denoiser.input_shape
+    samples, sampler_name, starts = _sampler(denoiser, steps)
     gen = torch.Generator(device=device).manual_seed(seed)
     e_eval = torch.randn((EVAL_NOISES, *shape), generator=gen, device=device)
     eval_seed = seed + 1
 
     def judged_spread(r: torch.Tensor) -> float:  # a diverging sampler spreads without bound, never a collapse
         with torch.no_grad():
-            value = float(_spread(ddpm_samples(denoiser, e_eval + r, steps, eval_seed)))
+            value = float(_spread(samples(e_eval + r, eval_seed)))
         return value if math.isfinite(value) else math.inf
 
     at_zero = judged_spread(torch.zeros(shape, device=device))
@@ -131,20 +180,27 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
     dim = math.prod(shape)
     for rms in radii:
         rho = rms * math.sqrt(dim)
-        r = torch.randn(shape, generator=gen, device=device)
-        r = r * (rho / r.norm())
-        for i in range(iterations):
-            angle = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / max(iterations - 1, 1)))
-            r = r.detach().requires_grad_(True)
-            e = torch.randn((noises, *shape), generator=gen, device=device)
-            step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device))
-            (grad,) = torch.autograd.grad(_spread(ddpm_samples(denoiser, e + r, steps, step_seed, checkpoint)), r)
-            r = sphere_step(r, grad, angle, rho)
-        if not torch.isfinite(r).all():
-            raise FloatingPointError("the sample-collapse search diverged (NaN/Inf)")
-        ends.append(r.detach())
-        ratios.append(judged_spread(r) / max(at_zero, 1e-12))
+        best_ratio, best_r = math.inf, None
+        for start in starts:
+            r = _start(start, shape, gen, device)
+            r = r * (rho / r.norm())
+            for i in range(iterations):
+                angle = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / max(iterations - 1, 1)))
+                r = r.detach().requires_grad_(True)
+                e = torch.randn((noises, *shape), generator=gen, device=device)
+                step_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device))
+                (grad,) = torch.autograd.grad(_spread(samples(e + r, step_seed, checkpoint)), r)
+                r = sphere_step(r, grad, angle, rho)
+            if not torch.isfinite(r).all():
+                raise FloatingPointError("the sample-collapse search diverged (NaN/Inf)")
+            ratio = judged_spread(r) / max(at_zero, 1e-12)
+            if best_r is None or ratio < best_ratio:
+                best_ratio, best_r = ratio, r.detach()
+        ends.append(best_r)
+        ratios.append(best_ratio)
     best = min(range(len(ratios)), key=ratios.__getitem__)
+    keep = CM_COLLAPSE_KEEP_RATIO if is_consistency(denoiser) else COLLAPSE_KEEP_RATIO
     return CollapseSearch(ran=True, radii=tuple(radii), ratios=tuple(ratios), spread_at_zero=at_zero,
+                          keep_below=keep, sampler=sampler_name, starts=tuple(starts),
                           r=ends[best].cpu(), seconds=time.perf_counter() - t0,
                           network_evaluations=denoiser.evaluations - evals0)

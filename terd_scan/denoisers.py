@@ -431,13 +431,17 @@ class ConsistencyDenoiser:
                 x = x0 + self.s_noise * math.sqrt(max(grid[i + 1] ** 2 - self.sigma_min ** 2, 0.0)) * z
         return x0
 
+    def one_step_sample(self, x_t: torch.Tensor) -> torch.Tensor:
+        """The pipeline's default one-step consistency sampling (what a CM backdoor targets), x0 = f(x_T,
+        sigma_max), no clipping; x_t in normalised units, the result in data units. Differentiable."""
+        x = x_t * self.scales[-1]
+        return self.consistency(x, torch.full((x.shape[0],), self.sigma_max, device=self.device))
+
     @torch.no_grad()
     def ancestral_sample(self, x_t: torch.Tensor, steps: int | None = None,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-        """Previews: the pipeline's default one-step consistency sampling, x0 = f(x_T, sigma_max), no clipping;
-        x_t in normalised units, the result in data units. (`steps` and `generator` are unused: one step.)"""
-        x = x_t * self.scales[-1]
-        return self.consistency(x, torch.full((x.shape[0],), self.sigma_max, device=self.device))
+        """Previews: one-step consistency sampling (`steps` and `generator` are unused: one step)."""
+        return self.one_step_sample(x_t)
 
 
 LATENT_KIND = "latent diffusion (LDM)"

@@ -19,9 +19,9 @@ import torch
 
 from . import TOOL_NAME, __version__
 from .basin_test import scan_basin_test
-from .collapse_search import COLLAPSE_KEEP_RATIO, COLLAPSE_SEED_OFFSET, search_collapse
+from .collapse_search import is_consistency, search_for
 from .denoisers import make_denoiser
-from .detection import BACKDOORED, Verdict, judge, kl_features
+from .detection import BACKDOORED, CLEAN, Verdict, judge, kl_features
 from .errors import ScanError, UnsupportedModelError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
 from .previews import NARROW_GAMMA, Previews, sample_previews
@@ -29,6 +29,10 @@ from .reference import Reference, shipped_reference
 from .report import to_json, trigger_image, write_atomic
 from .reversion import reverse_trigger
 from .trigger import Trigger
+
+
+CM_KL_NOTE = ("TERD's KL route is not used on a consistency model: its pair loss is about 1000x weaker there and "
+              "leaves r at its start, so the verdict is the one-step sample-collapse search's")
 
 
 @dataclass
@@ -118,19 +122,30 @@ def judge_reversed(rev: Reversed, reference, progress: Callable[[str, int, int],
     """The verdict on a reversed model: the KL route (detection.judge, with the basin test where it runs);
     where that finds the model clean and the preset runs the sample-collapse search (collapse_search.py),
     that search's route. A kept collapse becomes the reversed trigger (its end point, gamma 1: the run is
-    added to the result's runs and chosen) and flags the model; the KL route's reasons stay in the verdict."""
-    verdict = judge(rev.features, reference, rev.basin)
-    if verdict.backdoored or not rev.settings.get("collapse_search"):
-        return verdict
-    s = rev.settings
+    added to the result's runs and chosen) and flags the model; the KL route's reasons stay in the verdict.
+    A consistency model is judged by the collapse route alone (through its one-step sampler), in every preset:
+    TERD's KL route does not hold on one (README, "Consistency models")."""
+    consistency = is_consistency(rev.denoiser)
+    if consistency:
+        verdict = Verdict(CLEAN, [CM_KL_NOTE])
+    else:
+        verdict = judge(rev.features, reference, rev.basin)
+        if verdict.backdoored or not rev.settings.get("collapse_search"):
+            return verdict
     if progress:
         progress("sample-collapse search", 0, 1)
-    rev.collapse = search_collapse(rev.denoiser, tuple(s["collapse_radii"]), s["collapse_iterations"],
-                                   s["collapse_noises"], s["collapse_steps"], s["seed"] + COLLAPSE_SEED_OFFSET)
+    rev.collapse = c = search_for(rev.denoiser, rev.settings, rev.settings["seed"])
     if progress:
         progress("sample-collapse search", 1, 1)
-    c = rev.collapse
+    sampler = "one-step consistency samples" if consistency else "DDPM samples"
+    if consistency and not c.ran:  # never a clean verdict for a model that was not scanned
+        raise ScanError(f"the consistency model could not be judged: its sample-collapse search was {c.note}; "
+                        "scan it on a machine with more memory (--device cpu)")
     if not c.kept:
+        if consistency:
+            verdict.reasons.append(f"{sampler} do not collapse: from N(r, I) on spheres of rms radius "
+                                   f"{', '.join(f'{v:g}' for v in c.radii)} they spread at least {c.ratio:.3g} x as much "
+                                   f"as from N(0, I) (a backdoor: below {c.keep_below:g})")
         return verdict
     result = rev.result
     result.r, result.gamma = c.r, torch.ones_like(c.r)
@@ -139,9 +154,10 @@ def judge_reversed(rev: Reversed, reference, progress: Callable[[str, int, int],
     rev.features = kl_features(result.r, result.gamma)
     result.runs = [{**run, "chosen": False} for run in result.runs] + [
         {"start": result.start, **rev.features.to_dict(), "chosen": True}]
-    return Verdict(BACKDOORED, [*verdict.reasons, f"DDPM samples collapse: from N(r, I) on a sphere of rms radius {rms:g} "
-                                f"they spread {c.ratio:.3g} x as much as from N(0, I) (below {COLLAPSE_KEEP_RATIO:g}), "
-                                "a trigger that fires under DDPM sampling where TERD's pair loss does not hold one"])
+    fires = ("a trigger that fires under one-step consistency sampling" if consistency else
+             "a trigger that fires under DDPM sampling where TERD's pair loss does not hold one")
+    return Verdict(BACKDOORED, [*verdict.reasons, f"{sampler} collapse: from N(r, I) on a sphere of rms radius {rms:g} "
+                                f"they spread {c.ratio:.3g} x as much as from N(0, I) (below {c.keep_below:g}), {fires}"])
 
 
 def load_source(source: str, options: ScanOptions):

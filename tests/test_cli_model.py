@@ -144,7 +144,7 @@ def test_a_collapse_flags_the_model_and_its_r_is_the_saved_trigger(model_dirs, r
     from terd_scan.trigger import Trigger
 
     found = torch.full((3, 8, 8), 0.9)
-    monkeypatch.setattr(scan, "search_collapse", lambda *a, **k: CollapseSearch(
+    monkeypatch.setattr(scan, "search_for", lambda *a, **k: CollapseSearch(
         ran=True, radii=(0.6, 0.9), ratios=(0.8, 0.1), spread_at_zero=0.2, r=found))
     res = run("model", model_dirs["flat"], "-f", "json", "--out", tmp_path, "--reference", refs["lenient"], *CHEAP)
     assert res.exit_code == 1, res.output

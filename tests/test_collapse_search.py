@@ -10,7 +10,7 @@ import torch
 
 from analytic_models import SCHEDULE, AnalyticUNet
 from terd_scan import scan
-from terd_scan.collapse_search import COLLAPSE_KEEP_RATIO, CollapseSearch, search_collapse
+from terd_scan.collapse_search import COLLAPSE_KEEP_RATIO, COLLAPSE_SEED_OFFSET, CollapseSearch, search_collapse
 from terd_scan.denoisers import DDPMDenoiser, make_denoiser
 from terd_scan.detection import kl_features
 from terd_scan.presets import settings_for
@@ -68,7 +68,7 @@ def _canned(ratios, r):
 def test_a_kept_collapse_flags_a_model_the_kl_route_finds_clean(monkeypatch):
     ref = shipped_reference("standard")
     found = torch.full((3, 16, 16), 0.6)
-    monkeypatch.setattr(scan, "search_collapse", _canned((0.9, 0.2), found))
+    monkeypatch.setattr(scan, "search_for", _canned((0.9, 0.2), found))
     rev = _reversed(torch.zeros(3, 16, 16), settings_for("standard"))
     verdict = scan.judge_reversed(rev, ref)
     assert verdict.backdoored and "collapse" in verdict.reasons[-1] and "0.2" in verdict.reasons[-1]
@@ -80,7 +80,7 @@ def test_a_kept_collapse_flags_a_model_the_kl_route_finds_clean(monkeypatch):
 
 def test_no_collapse_leaves_the_clean_verdict_and_the_trigger(monkeypatch):
     ref = shipped_reference("standard")
-    monkeypatch.setattr(scan, "search_collapse", _canned((0.9, 0.7), torch.full((3, 16, 16), 0.6)))
+    monkeypatch.setattr(scan, "search_for", _canned((0.9, 0.7), torch.full((3, 16, 16), 0.6)))
     zero = torch.zeros(3, 16, 16)
     rev = _reversed(zero, settings_for("standard"))
     assert not scan.judge_reversed(rev, ref).backdoored
@@ -89,7 +89,7 @@ def test_no_collapse_leaves_the_clean_verdict_and_the_trigger(monkeypatch):
 
 def test_the_search_runs_only_when_the_kl_route_is_clean_and_the_preset_asks(monkeypatch):
     calls = []
-    monkeypatch.setattr(scan, "search_collapse", lambda *a, **k: calls.append(a) or CollapseSearch(ran=False))
+    monkeypatch.setattr(scan, "search_for", lambda *a, **k: calls.append(a) or CollapseSearch(ran=False))
     flagged = _reversed(torch.full((3, 16, 16), -1.0), settings_for("standard"))
     assert scan.judge_reversed(flagged, shipped_reference("standard")).backdoored and flagged.collapse is None
     fast = _reversed(torch.zeros(3, 16, 16), settings_for("fast"))
@@ -112,7 +112,7 @@ def test_committed_zoo_models(name, kept, one_thread):
     s = settings_for("standard")
     den = make_denoiser(load_source(str(ZOO / name), ScanOptions(device="cpu")), "cpu")
     out = search_collapse(den, (0.6,), s.collapse_iterations, s.collapse_noises, s.collapse_steps,
-                          0 + scan.COLLAPSE_SEED_OFFSET)
+                          0 + COLLAPSE_SEED_OFFSET)
     assert out.kept is kept, out.to_dict()
 
 

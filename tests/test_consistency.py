@@ -315,3 +315,74 @@ def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
         assert f["mean_kl"] > 5 * th["mean_kl"], f
     else:
         assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
+
+
+# ------------------------------------------------------------------ the verdict's route on a consistency model
+
+def _cm_reversed(r):
+    from terd_scan import scan
+    from terd_scan.detection import kl_features
+    from terd_scan.presets import settings_for
+    from terd_scan.reversion import ReversionResult
+
+    den = ConsistencyDenoiser(fm.make_unet(0), CM_CONFIG)
+    gamma = torch.ones_like(r)
+    result = ReversionResult(r=r, gamma=gamma, runs=[{"start": "paper", **kl_features(r, gamma).to_dict(), "chosen": True}])
+    return scan.Reversed(loaded=None, denoiser=den, settings={**settings_for("fast").to_dict(), "seed": 0},
+                         result=result, features=kl_features(r, gamma))
+
+
+def _canned_cm(ratios, r, ran=True):
+    from terd_scan.collapse_search import CM_COLLAPSE_KEEP_RATIO, CollapseSearch
+
+    return lambda *a, **k: CollapseSearch(ran=ran, note="" if ran else "not run: out of GPU memory",
+                                          radii=(0.25, 0.5, 1.0) if ran else (), ratios=ratios, spread_at_zero=0.1,
+                                          keep_below=CM_COLLAPSE_KEEP_RATIO, r=r)
+
+
+def test_a_cm_is_judged_by_the_collapse_route_whatever_its_kl(monkeypatch):
+    """The KL route is not used on a CM (its r barely moves): a far-out r is still clean without a collapse, and a
+    collapse below the CM keep ratio flags it, in the fast preset too (where a DDPM's search is off)."""
+    from terd_scan import scan
+    from terd_scan.reference import shipped_reference
+
+    monkeypatch.setattr(scan, "search_for", _canned_cm((0.4, 0.2, 0.09), torch.zeros(3, 8, 8)))
+    far = torch.full((3, 8, 8), -1.0)  # over the fast reference's M_r threshold many times
+    rev = _cm_reversed(far)
+    verdict = scan.judge_reversed(rev, shipped_reference("fast"))
+    assert not verdict.backdoored and verdict.reasons[0] == scan.CM_KL_NOTE
+    assert "one-step consistency samples do not collapse" in verdict.reasons[-1] and "0.09" in verdict.reasons[-1]
+    assert torch.equal(rev.result.r, far) and rev.collapse is not None
+
+    found = torch.full((3, 8, 8), -0.5)
+    monkeypatch.setattr(scan, "search_for", _canned_cm((0.4, 0.01, 0.005), found))
+    rev = _cm_reversed(torch.zeros(3, 8, 8))
+    verdict = scan.judge_reversed(rev, shipped_reference("fast"))
+    assert verdict.backdoored and "one-step consistency samples collapse" in verdict.reasons[-1]
+    assert "rms radius 1" in verdict.reasons[-1] and torch.equal(rev.result.r, found)
+    assert rev.result.start == "sample-collapse search (sphere of rms radius 1)"
+
+
+def test_a_cm_whose_search_did_not_run_gets_no_verdict(monkeypatch):
+    from terd_scan import scan
+    from terd_scan.errors import ScanError
+    from terd_scan.reference import shipped_reference
+
+    monkeypatch.setattr(scan, "search_for", _canned_cm((), None, ran=False))
+    with pytest.raises(ScanError, match="could not be judged"):
+        scan.judge_reversed(_cm_reversed(torch.zeros(3, 8, 8)), shipped_reference("fast"))
+
+
+def test_cm_collapse_search_descends_from_three_starts_through_one_step_sampling():
+    from terd_scan.collapse_search import CM_COLLAPSE_KEEP_RATIO, CM_STARTS, search_collapse
+
+    den = ConsistencyDenoiser(fm.make_unet(0), CM_CONFIG)
+    out = search_collapse(den, (0.5,), 2, noises=4, steps=1, seed=0)
+    d = out.to_dict()
+    assert out.ran and d["starts"] == list(CM_STARTS) and d["keep_below"] == CM_COLLAPSE_KEEP_RATIO
+    assert d["sampler"].startswith("one-step consistency sampling")
+    # 3 starts x 2 iterations x 4 noises, plus r = 0 and the 3 end points judged on 32 noises
+    assert d["network_evaluations"] == 3 * 2 * 4 + 4 * 32
+    assert out.r.shape == (3, 8, 8) and float(out.r.pow(2).mean().sqrt()) == pytest.approx(0.5, rel=1e-4)
+    again = search_collapse(den, (0.5,), 2, noises=4, steps=1, seed=0)
+    assert again.ratios == out.ratios and torch.equal(again.r, out.r)  # deterministic given the seed
