@@ -169,7 +169,7 @@ CM_ZOO: dict[str, CMSpec] = {s.name: s for s in [
            poison_rate=0.2, image_set="checkers", seed=47, split="holdout", note="STOP trigger -> HAT target"),
     CMSpec("cm-baddiffusion-patch", label="backdoored", attack="baddiffusion-cm", trigger="patch", target="smiley",
            poison_rate=0.2, image_set="shapes", seed=48, split="holdout", note="PATCH trigger -> SMILEY target"),
-    # a second holdout, specified after the first one's miss (cm-baddiffusion-stop) led to the patch screen
+    # a second holdout of the same method (radii, starts, keep ratio unchanged), specified after the first was scanned
     CMSpec("cm-benign-f", image_set="checkers", seed=49, split="holdout"),
     CMSpec("cm-benign-g", image_set="shapes", seed=50, steps=6000, split="holdout",
            note="twice the training steps of the others"),
