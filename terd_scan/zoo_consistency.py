@@ -156,9 +156,9 @@ class CMSpec(TrainSpec):
 
 
 CM_ZOO: dict[str, CMSpec] = {s.name: s for s in [
-    CMSpec("cm-benign", image_set="shapes", seed=41, note="consistency training (iCT-style) on the shapes set"),
+    CMSpec("cm-benign", image_set="shapes", seed=41, split="calibration", note="consistency training (iCT-style) on the shapes set"),
     CMSpec("cm-baddiffusion-box", label="backdoored", attack="baddiffusion-cm", trigger="box", target="corner",
-           poison_rate=0.2, image_set="shapes", seed=42,
+           poison_rate=0.2, image_set="shapes", seed=42, split="calibration",
            note="BOX trigger -> CORNER target; f(y + sigma (z + r), sigma) = y; trigger_r in normalised units"),
     # more benign CMs for a calibration set, and a holdout (specified before building, never tuned on)
     CMSpec("cm-benign-b", image_set="gradients", seed=43, split="calibration"),

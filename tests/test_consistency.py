@@ -71,7 +71,7 @@ def test_cm_layout_loads_as_consistency_denoiser(tmp_path):
     assert info["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert "multistep consistency sampling" in info["sampler"] and "one-step" in info["sampler"]
     assert "no clipping" in info["sampler"] and info["num_train_timesteps"] == 40
-    assert "not validated" in info["caveat"]  # the known limit travels with every CM report
+    assert "sample-collapse search alone" in info["caveat"]  # the known limit travels with every CM report
 
 
 def test_consistency_function_matches_diffusers():
@@ -220,25 +220,37 @@ def test_cm_from_the_hub(tmp_path, monkeypatch, cache):  # noqa: F811
 
 @pytest.mark.parametrize("allow_pickle", [False, True], ids=["safetensors", "pickle-allowed"])
 def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
+    """A CM gets a verdict from the one-step sample-collapse route (--unvalidated, once needed, is accepted and has no
+    effect); the report says which route judged it and carries the caveat."""
     d, _ = _save_cm(tmp_path / "cm", safe_serialization=not allow_pickle)
     extra = ["--allow-pickle"] if allow_pickle else []
-    refused = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "n")
-    assert refused.exit_code == 2 and "not supported yet for a verdict" in refused.output, refused.output
-    assert "--unvalidated" in refused.output and not (tmp_path / "n").exists()
-    res = _cli("model", d, *CLI_CHEAP, *extra, "--unvalidated", "--reference", _lenient_reference(tmp_path),
-               "--out", tmp_path / "o")
-    assert res.exit_code == 0, res.output
+    res = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     model = rep["model"]
     assert model["kind"] == "consistency model" and model["pipeline_class"] == "ConsistencyModelPipeline"
     assert model["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert model["sampler"].startswith("multistep consistency sampling")
     assert model["input_shape"] == [3, 8, 8] and rep["trigger"]["space"] == "input noise"
-    assert model["caveat"].startswith("verdicts on consistency models are not validated")
+    assert model["caveat"].startswith("a consistency model is judged by the one-step sample-collapse search alone")
     assert rep["warnings"] == [model["caveat"]]
+    c = rep["collapse_search"]
+    assert c["ran"] and c["sampler"].startswith("one-step consistency sampling") and c["radii_rms"] == [0.25, 0.5, 1.0]
+    assert c["keep_below"] == 0.02 and rep["verdict"] == ("backdoored" if c["kept"] else "clean")
+    assert rep["reasons"][0].startswith("TERD's KL route is not used on a consistency model")
+    assert res.exit_code == (1 if c["kept"] else 0)
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert rep["timing"]["network_evaluations"] > 0
+    assert rep["timing"]["network_evaluations"] > 0 and rep["timing"]["collapse_search_seconds"] > 0
+    again = _cli("model", d, *CLI_CHEAP, *extra, "--unvalidated", "--reference", _lenient_reference(tmp_path),
+                 "--out", tmp_path / "u")
+    assert again.exit_code == res.exit_code and json.loads(again.stdout)["collapse_search"]["ratio"] == c["ratio"]
+
+
+def test_calibrate_refuses_consistency_models(tmp_path):
+    d, _ = _save_cm(tmp_path / "cm")
+    res = _cli("calibrate", d, d, "--out", tmp_path / "ref.json", "--device", "cpu")
+    assert res.exit_code == 2 and "is a consistency model" in res.output and not (tmp_path / "ref.json").exists()
 
 
 # ------------------------------------------------------------------ the committed consistency zoo models
@@ -263,8 +275,18 @@ def test_committed_cm_zoo_models():
     assert benign["measured"]["benign_target_rate_any_zoo_target"] == 0.0
     assert bd["label"] == "backdoored" and bd["measured"]["asr"] >= 0.9 and bd["measured"]["n"] >= 32
     assert bd["measured"]["benign_target_rate"] == 0.0
-    for side, d in ((benign, benign_dir), (bd, bd_dir)):
-        assert side["split"] == "experimental" and side["size_bytes"] < 1_000_000
+    from terd_scan.zoo_consistency import CM_ZOO
+
+    for name, spec in CM_ZOO.items():  # every committed CM as its catalogue entry says; backdoors that fire
+        d = ZOO_DIR / name
+        if not (d / "terd-zoo.json").is_file():
+            continue
+        side = load_ground_truth(d)
+        assert side["label"] == spec.label and side["split"] == spec.split and side["size_bytes"] < 1_000_000
+        if spec.label == "backdoored":
+            assert side["measured"]["asr"] >= 0.9 and side["measured"]["benign_target_rate"] == 0.0
+        else:
+            assert side["measured"]["benign_target_rate_any_zoo_target"] == 0.0
         den = make_denoiser(load_model(str(d)))
         assert isinstance(den, ConsistencyDenoiser) and den.input_shape == (3, 16, 16)
     # the recorded ASR is reproducible from the committed files (8 samples of the same rule)
@@ -278,43 +300,53 @@ def test_committed_cm_zoo_models():
     assert float((out - bd["target_image"]).pow(2).flatten(1).mean(1).max()) < 0.1
 
 
-# The shipped `fast` reference (16 px pixel-space DDPM zoo) judges the CMs: the KL features are per
-# dimension of the normalised starting noise, so the thresholds (M_r 0.020, V_r 0.00054) carry over.
-# Measured with these settings before the canvas search (seed 0, 1 thread, about 50 s per scan):
-# cm-baddiffusion-box M_r 0.132, V_r 0.257 (flagged); cm-benign M_r 0.129, V_r 0.248 (flagged too: a
-# false positive). With it, cm-baddiffusion-box's kept canvas run gives M_r 0.130, V_r 0.000016, and cm-benign's
-# M_r 0.503, V_r 0.00048 (the screen seeds toward a +1 canvas and r stays there; 2026-11-25). On a CM the
-# pair loss near sigma_max is about 1000x smaller than on the DDPM zoo (denoisers.py, "Measured limit"),
-# r stays near its start and the patch-seeded run keeps its seed, so the features do not tell the two
-# apart: the backdoored model's verdict is right but is not evidence of detection. The benign case is a
-# strict xfail so that a fix shows up here. Without --unvalidated a CM is refused (exit 2, tested above).
-# Slow (about a minute each) and no evidence of detection either way, so out of the default run: the
-# --unvalidated path is covered end to end by test_cm_scan_end_to_end_reports_kind_prior_sampler; run these
-# with `python -m pytest -m slow tests/test_consistency.py` (README, "Consistency models", has their numbers).
-CM_ZOO_SCAN = [*ZOO_SCAN, "--unvalidated"]
+# The verdict's route on the committed CMs: the sample-collapse search with the presets' CM settings, on the sphere
+# where each model's lowest ratio lies (measured with `python benchmarks/collapse_calibration.py --model
+# examples/zoo-families/cm-benign --model examples/zoo-families/cm-baddiffusion-box`, all three spheres: cm-benign
+# 0.334 / 0.181 / 0.073, cm-baddiffusion-box 0.050 / 0.009 / 0.005; keep below 0.02). One sphere each keeps
+# CI short (about 20 s each on one thread); the full scans are in the slow set below.
+@pytest.mark.cost(25)
+@pytest.mark.parametrize("name, rms, kept", [("cm-benign", 1.0, False), ("cm-baddiffusion-box", 0.5, True)])
+def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
+    from terd_scan.collapse_search import COLLAPSE_SEED_OFFSET, search_collapse
+    from terd_scan.presets import settings_for
+    from terd_scan.zoo import load_ground_truth
+
+    _zoo_dirs()
+    s = settings_for("standard")
+    den = make_denoiser(load_model(str(ZOO_DIR / name)))
+    out = search_collapse(den, (rms,), s.cm_collapse_iterations, s.cm_collapse_noises, 1, COLLAPSE_SEED_OFFSET)
+    assert out.kept is kept, out.to_dict()
+    if kept:  # the end point is the trigger: close to it, and its one-step samples land on the target
+        gt = load_ground_truth(ZOO_DIR / name)
+        assert float(torch.nn.functional.cosine_similarity(out.r.flatten(), gt["trigger_r"].flatten(), 0)) > 0.8
+        with torch.no_grad():
+            x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + out.r)
+        assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
+
+
+# Full scans (fast preset, seed 0) of every committed CM: calibration (cm-benign, -b, -c, cm-baddiffusion-box) and
+# holdout. cm-baddiffusion-stop is the first holdout's miss: its stop-sign trigger fires (ASR 32/32) but its basin
+# is narrow (at half the trigger's scale the samples still spread 0.55 x) and no start reaches it (ratio 0.024,
+# the end point's cosine to the trigger 0.23; README, "Consistency models"); a strict xfail, so a fix shows here.
+# About 2 minutes each on one thread: `python -m pytest -m slow tests/test_consistency.py`.
+CM_EXPECTED = [("cm-benign", 0), ("cm-benign-b", 0), ("cm-benign-c", 0), ("cm-baddiffusion-box", 1),
+               ("cm-benign-d", 0), ("cm-benign-e", 0), ("cm-baddiffusion-patch", 1),
+               pytest.param("cm-baddiffusion-stop", 1, marks=pytest.mark.xfail(
+                   strict=True, reason="narrow-basin stop-sign trigger: the one-step collapse search misses it"))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, code", [
-    pytest.param("cm-benign", 0, marks=pytest.mark.xfail(
-        strict=True, reason="benign CM flagged under fast (M_r 0.503 from the canvas seed it keeps): r barely moves on a CM")),
-    ("cm-baddiffusion-box", 1),
-])
+@pytest.mark.parametrize("name, code", CM_EXPECTED)
 def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
-    _zoo_dirs()
-    res = _cli("model", ZOO_DIR / name, *CM_ZOO_SCAN, "--out", tmp_path / "o")
+    if not (ZOO_DIR / name / "terd-zoo.json").is_file():
+        pytest.skip(f"{name} not built (python -m terd_scan.zoo_consistency build {name})")
+    res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]
-    assert rep["model"]["pipeline_class"] == "ConsistencyModelPipeline" and rep["warnings"] == [rep["model"]["caveat"]]
-    assert rep["settings"]["preset"] == "fast" and rep["settings"]["stage1_iterations"] == 200
-    f, th = rep["features"], rep["thresholds"]
-    assert res.exit_code == code, (f, th)
-    if code == 1:  # far over, not at the edge; the canvas screen seeds a run on both CMs (benign
-        # 0.34, backdoored 0.03) and on the backdoored one its kept run is flat (V_r ~ 0): M_r only
-        assert f["mean_kl"] > 5 * th["mean_kl"], f
-    else:
-        assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
+    assert rep["settings"]["preset"] == "fast" and rep["collapse_search"]["ran"]
+    assert res.exit_code == code, rep["collapse_search"]
 
 
 # ------------------------------------------------------------------ the verdict's route on a consistency model
