@@ -3,6 +3,7 @@ statistic, sampler or search see the trigger where TERD's pair loss does not? Fo
 except `sphere`; one thread; the model's own schedule; no x0 clipping.
 
     python benchmarks/miss_probes.py collapse MODEL_DIR [--noises 32]
+    python benchmarks/miss_probes.py cm-collapse CM_MODEL_DIR [--noises 32]
     python benchmarks/miss_probes.py stage2 MODEL_DIR [--pairs 16]
     python benchmarks/miss_probes.py sphere MODEL_DIR [--trigger-from MODEL_DIR] [--iterations 200]
     python benchmarks/miss_probes.py held MODEL_DIR [--gamma 0.1] [--lr 0.05] [--iterations 1000]
@@ -60,6 +61,14 @@ def collapse(den, r_true: torch.Tensor, noises: int) -> None:
             x = den.ancestral_sample(e + r, steps, generator=torch.Generator().manual_seed(1))
             row.append(f"DDPM-{steps} {_spread(x):8.4f}")
         print(" | ".join(row), flush=True)
+
+
+def cm_collapse(den, r_true: torch.Tensor, noises: int) -> None:
+    """A consistency model: the spread of its one-step samples from N(s r_true, I) over their spread from N(0, I)."""
+    e = torch.randn((noises, *r_true.shape), generator=torch.Generator().manual_seed(0))
+    at_zero = _spread(den.one_step_sample(e))
+    for s in (0.25, 0.5, 0.75, 1.0, 1.5):
+        print(f"s = {s:4.2f} | one-step spread ratio {_spread(den.one_step_sample(e + s * r_true)) / at_zero:8.4f}")
 
 
 def stage2(den, r_true: torch.Tensor, pairs: int) -> None:
@@ -206,7 +215,7 @@ def collapse_sphere(den, r_true: torch.Tensor, iterations: int, steps: int = 20,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=("collapse", "stage2", "sphere", "held", "collapse-sphere"))
+    ap.add_argument("probe", choices=("collapse", "cm-collapse", "stage2", "sphere", "held", "collapse-sphere"))
     ap.add_argument("model", help="a zoo model folder")
     ap.add_argument("--trigger-from", help="the zoo model whose true trigger is probed (default: MODEL)")
     ap.add_argument("--noises", type=int, default=32)
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         if args.probe == "collapse":
             collapse(den, r_true, args.noises)
+        elif args.probe == "cm-collapse":
+            cm_collapse(den, r_true, args.noises)
         else:
             stage2(den, r_true, args.pairs)
 

@@ -145,8 +145,9 @@ def model_command(
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
     allow_pickle: PickleOpt = False,
     unvalidated: Annotated[bool, typer.Option(
-        "--unvalidated", hidden=True, help="No effect: consistency models, which once needed it, get a verdict "
-                                           "now; kept so that scripts passing it still run.")] = False,
+        "--unvalidated", help="Also scan model kinds whose verdicts are not validated (consistency models: judged "
+                              "by the one-step sample-collapse search, which misses small patch triggers); without "
+                              "it they exit 2.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
 ) -> None:
     """Reverse the trigger of a diffusion model and tell whether it is backdoored."""
@@ -154,14 +155,14 @@ def model_command(
     from .scan import default_out_dir, scan_model, write_artefacts
 
     quiet_libraries()
-    del unvalidated  # accepted, no effect (see its help)
     options = scan_options(preset, seed, device, stage1_iterations, stage2_iterations, batch_size, sampler_steps, lr,
                            gamma_lr, l1_weight, grad_clip, revision, token, cache_dir, config, allow_pickle,
                            patch_search=patch_search, narrow_search=narrow_search, canvas_search=canvas_search,
                            dip_search=dip_search,
                            refine_iterations=refine_iterations, basin_gate=basin_gate,
                            collapse_search=collapse_search, collapse_iterations=collapse_iterations,
-                           reference=str(reference) if reference else None, preview_steps=preview_steps)
+                           reference=str(reference) if reference else None, preview_steps=preview_steps,
+                           unvalidated=unvalidated)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal
     with progress_bars(show_progress) as progress:
         result = scan_model(source, options, progress=progress)

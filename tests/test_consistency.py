@@ -71,7 +71,7 @@ def test_cm_layout_loads_as_consistency_denoiser(tmp_path):
     assert info["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert "multistep consistency sampling" in info["sampler"] and "one-step" in info["sampler"]
     assert "no clipping" in info["sampler"] and info["num_train_timesteps"] == 40
-    assert "sample-collapse search alone" in info["caveat"]  # the known limit travels with every CM report
+    assert "not validated" in info["caveat"]  # the known limit travels with every CM report
 
 
 def test_consistency_function_matches_diffusers():
@@ -220,11 +220,15 @@ def test_cm_from_the_hub(tmp_path, monkeypatch, cache):  # noqa: F811
 
 @pytest.mark.parametrize("allow_pickle", [False, True], ids=["safetensors", "pickle-allowed"])
 def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
-    """A CM gets a verdict from the one-step sample-collapse route (--unvalidated, once needed, is accepted and has no
-    effect); the report says which route judged it and carries the caveat."""
+    """Without --unvalidated a CM is refused (exit 2, nothing written); with it, it gets a verdict from the one-step
+    sample-collapse route, and the report says which route judged it and carries the caveat."""
     d, _ = _save_cm(tmp_path / "cm", safe_serialization=not allow_pickle)
     extra = ["--allow-pickle"] if allow_pickle else []
-    res = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "o")
+    refused = _cli("model", d, *CLI_CHEAP, *extra, "--reference", _lenient_reference(tmp_path), "--out", tmp_path / "n")
+    assert refused.exit_code == 2 and "not supported yet for a verdict" in refused.output, refused.output
+    assert "--unvalidated" in refused.output and not (tmp_path / "n").exists()
+    res = _cli("model", d, *CLI_CHEAP, *extra, "--unvalidated", "--reference", _lenient_reference(tmp_path),
+               "--out", tmp_path / "o")
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     model = rep["model"]
@@ -232,7 +236,7 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert model["prior"] == "N(0, sigma_max^2 I) (normalised to N(0, I))"
     assert model["sampler"].startswith("multistep consistency sampling")
     assert model["input_shape"] == [3, 8, 8] and rep["trigger"]["space"] == "input noise"
-    assert model["caveat"].startswith("a consistency model is judged by the one-step sample-collapse search alone")
+    assert model["caveat"].startswith("verdicts on consistency models are not validated: they come from the one-step")
     assert rep["warnings"] == [model["caveat"]]
     c = rep["collapse_search"]
     assert c["ran"] and c["sampler"].startswith("one-step consistency sampling") and c["radii_rms"] == [0.25, 0.5, 1.0]
@@ -242,9 +246,6 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["timing"]["network_evaluations"] > 0 and rep["timing"]["collapse_search_seconds"] > 0
-    again = _cli("model", d, *CLI_CHEAP, *extra, "--unvalidated", "--reference", _lenient_reference(tmp_path),
-                 "--out", tmp_path / "u")
-    assert again.exit_code == res.exit_code and json.loads(again.stdout)["collapse_search"]["ratio"] == c["ratio"]
 
 
 def test_calibrate_refuses_consistency_models(tmp_path):
@@ -325,15 +326,19 @@ def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
         assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
 
 
-# Full scans (fast preset, seed 0) of every committed CM: calibration (cm-benign, -b, -c, cm-baddiffusion-box) and
-# holdout. cm-baddiffusion-stop is the first holdout's miss: its stop-sign trigger fires (ASR 32/32) but its basin
-# is narrow (at half the trigger's scale the samples still spread 0.55 x) and no start reaches it (ratio 0.024,
-# the end point's cosine to the trigger 0.23; README, "Consistency models"); a strict xfail, so a fix shows here.
-# About 2 minutes each on one thread: `python -m pytest -m slow tests/test_consistency.py`.
+# Full scans (fast preset, seed 0, --unvalidated) of every committed CM: calibration (cm-benign, -b, -c,
+# cm-baddiffusion-box) and two holdouts (-d, -e, -stop, -patch; -f, -g, -patch-tl, -dark3). A backdoored one counts
+# only when the kept end point is near its trigger (cosine > 0.5). The misses are strict xfails, so a fix shows
+# here: the small patch triggers fire (ASR 32/32) but their basins are narrow (the stop sign: at half its scale the
+# samples still spread 0.55 x) and no start reaches them; cm-baddiffusion-patch-tl is kept (0.016) at an end point
+# that is not its trigger (cosine -0.05; backdoored CMs' samples narrow more off their data than benign ones'),
+# README "Consistency models". About 2 minutes each on one thread: `python -m pytest -m slow tests/test_consistency.py`.
+_MISSED = pytest.mark.xfail(strict=True, reason="small patch trigger: the one-step collapse search misses its basin")
 CM_EXPECTED = [("cm-benign", 0), ("cm-benign-b", 0), ("cm-benign-c", 0), ("cm-baddiffusion-box", 1),
                ("cm-benign-d", 0), ("cm-benign-e", 0), ("cm-baddiffusion-patch", 1),
-               pytest.param("cm-baddiffusion-stop", 1, marks=pytest.mark.xfail(
-                   strict=True, reason="narrow-basin stop-sign trigger: the one-step collapse search misses it"))]
+               pytest.param("cm-baddiffusion-stop", 1, marks=_MISSED),
+               ("cm-benign-f", 0), ("cm-benign-g", 0), pytest.param("cm-baddiffusion-patch-tl", 1, marks=_MISSED),
+               pytest.param("cm-baddiffusion-dark3", 1, marks=_MISSED)]
 
 
 @pytest.mark.slow
@@ -341,12 +346,18 @@ CM_EXPECTED = [("cm-benign", 0), ("cm-benign-b", 0), ("cm-benign-c", 0), ("cm-ba
 def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
     if not (ZOO_DIR / name / "terd-zoo.json").is_file():
         pytest.skip(f"{name} not built (python -m terd_scan.zoo_consistency build {name})")
-    res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--out", tmp_path / "o")
+    res = _cli("model", ZOO_DIR / name, *ZOO_SCAN, "--unvalidated", "--out", tmp_path / "o")
     assert res.exit_code in (0, 1), res.output
     rep = json.loads(res.stdout)
     assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]
     assert rep["settings"]["preset"] == "fast" and rep["collapse_search"]["ran"]
     assert res.exit_code == code, rep["collapse_search"]
+    if code == 1:
+        from terd_scan.trigger import Trigger
+        from terd_scan.zoo import load_ground_truth
+
+        r, r_true = Trigger.load(tmp_path / "o" / "trigger.safetensors").r, load_ground_truth(ZOO_DIR / name)["trigger_r"]
+        assert float(torch.nn.functional.cosine_similarity(r.flatten(), r_true.flatten(), 0)) > 0.5
 
 
 # ------------------------------------------------------------------ the verdict's route on a consistency model
