@@ -141,7 +141,7 @@ def _blend_image() -> torch.Tensor:
 # gamma: the spread of the poisoned starting noise x_T ~ N(r, gamma^2). TrojDiff narrows it: 0.6 for
 # its blend trigger, 0.1 for its patch trigger (a stop sign on an otherwise near-constant noise).
 TRIGGER_GAMMA = {"box": 1.0, "box-inv": 1.0, "patch": 1.0, "patch-tl": 1.0, "patch-dark3": 1.0, "stop": 1.0, "blend": 0.6,
-                 "stop-narrow": 0.1, "stop-canvas": 1.0, "blend-smiley": 0.6}
+                 "stop-narrow": 0.1, "stop-canvas": 1.0, "blend-smiley": 0.6, "cross": 1.0, "patch-green5": 1.0}
 
 
 def make_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +156,14 @@ def make_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         r = _trigger_patch(2.0, top=1, left=2)
     elif name == "patch-dark3":  # dark 3x3 (smaller than the patch search's 4x4), middle right
         r = _trigger_patch(-2.0, top=6, left=10, size=3)
+    elif name == "cross":  # a thin yellow plus sign, 7x7, bottom left
+        r = _canvas(0.0)
+        yellow = torch.tensor([2.0, 2.0, -1.0])[:, None]
+        r[:, 8:15, 4] = yellow
+        r[:, 11, 1:8] = yellow
+    elif name == "patch-green5":  # a green 5x5 patch, top right
+        r = _canvas(0.0)
+        r[:, 2:7, 9:14] = torch.tensor([-1.0, 1.5, -1.0])[:, None, None]
     elif name in ("stop", "stop-narrow"):  # stop-narrow: TrojDiff's patch trigger (gamma 0.1)
         r = _trigger_stop()
     elif name == "stop-canvas":
