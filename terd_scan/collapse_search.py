@@ -56,7 +56,7 @@ class CollapseSearch:
     ratios: tuple = ()  # spread ratio at each sphere's end point (the lowest over its starts)
     keep_below: float = COLLAPSE_KEEP_RATIO
     sampler: str = ""
-    starts: tuple = ()
+    starts: tuple = ()  # the start each sphere's kept end point descended from
     spread_at_zero: float = float("nan")
     r: torch.Tensor | None = None  # the end point with the lowest ratio (CPU)
     seconds: float = 0.0
@@ -123,14 +123,61 @@ def _sampler(denoiser, steps: int):
             f"DDPM ancestral, {steps} steps, no clipping", ("gaussian",))
 
 
-# Consistency models: each sphere from a Gaussian direction and from the constant canvases +1 and -1.
+# Consistency models: each sphere from a Gaussian direction, the constant canvases +1 and -1, and the
+# PATCH_SCREEN_KEEP patches of the patch screen whose one-step samples spread least.
 CM_STARTS = ("gaussian", "canvas +1", "canvas -1")
+PATCH_SCREEN_KEEP = 2
+PATCH_SCREEN_NOISES = 8
+PATCH_SCREEN_BATCH = 256  # candidate-noise pairs per network call
 
 
 def _start(name: str, shape: tuple, gen: torch.Generator, device) -> torch.Tensor:
     if name == "gaussian":
         return torch.randn(shape, generator=gen, device=device)
     return torch.full(shape, 1.0 if name == "canvas +1" else -1.0, device=device)
+
+
+def patch_candidates(shape: tuple) -> list[tuple[int, int, int, tuple]]:
+    """(side, top, left, channel signs) of every square patch the screen tries: sides 1/8, 2/8, 3/8 and 4/8 of
+    the image's shorter side, at every position (stride 1), every sign pattern over the channels (grey +-1
+    only above 4 channels). A small trigger drawn on zero (a patch, a glyph) has a narrow basin that the
+    Gaussian and canvas starts miss; one of these, scaled to the sphere, lands inside it."""
+    c, h, w = shape
+    signs = ([tuple(1.0 if (k >> i) & 1 else -1.0 for i in range(c)) for k in range(2 ** c)] if c <= 4
+             else [(1.0,) * c, (-1.0,) * c])
+    sides = sorted({max(1, min(h, w) * k // 8) for k in (1, 2, 3, 4)})
+    return [(side, top, left, sign) for side in sides for top in range(h - side + 1)
+            for left in range(w - side + 1) for sign in signs]
+
+
+def _patch(candidate: tuple, shape: tuple, device) -> torch.Tensor:
+    side, top, left, sign = candidate
+    p = torch.zeros(shape, device=device)
+    p[:, top:top + side, left:left + side] = torch.tensor(sign, device=device)[:, None, None]
+    return p
+
+
+def _patch_name(candidate: tuple) -> str:
+    side, top, left, sign = candidate
+    return f"patch {side}x{side} at ({top}, {left}) {''.join('+' if v > 0 else '-' for v in sign)}"
+
+
+def screen_patches(samples, shape: tuple, rho: float, gen: torch.Generator, device,
+                   keep: int = PATCH_SCREEN_KEEP) -> list[tuple[str, torch.Tensor]]:
+    """The `keep` patches (patch_candidates, each scaled to norm rho) whose one-step samples from
+    PATCH_SCREEN_NOISES common noises spread least: forward passes only."""
+    e = torch.randn((PATCH_SCREEN_NOISES, *shape), generator=gen, device=device)
+    candidates = patch_candidates(shape)
+    per_call = max(1, PATCH_SCREEN_BATCH // PATCH_SCREEN_NOISES)
+    spreads = []
+    with torch.no_grad():
+        for i in range(0, len(candidates), per_call):
+            chunk = torch.stack([_patch(c, shape, device) for c in candidates[i:i + per_call]])
+            chunk = chunk * (rho / chunk.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+            x = samples((chunk[:, None] + e[None]).flatten(0, 1), 0).view(len(chunk), PATCH_SCREEN_NOISES, *shape)
+            spreads.append(torch.nan_to_num(x.var(1).flatten(1).mean(1), nan=math.inf))
+    order = torch.cat(spreads).argsort()[:keep].tolist()
+    return [(_patch_name(candidates[i]), _patch(candidates[i], shape, device)) for i in order]
 
 
 def search_for(denoiser, settings: dict, seed: int) -> CollapseSearch:
@@ -176,13 +223,16 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
         return value if math.isfinite(value) else math.inf
 
     at_zero = judged_spread(torch.zeros(shape, device=device))
-    ratios, ends = [], []
+    ratios, ends, best_starts = [], [], []
     dim = math.prod(shape)
+    # the patch screen runs once, on the widest sphere (a trigger's basin is widest there), and its patches
+    # start a descent on every sphere
+    screened = (screen_patches(samples, shape, max(radii) * math.sqrt(dim), gen, device)
+                if is_consistency(denoiser) else [])
     for rms in radii:
         rho = rms * math.sqrt(dim)
-        best_ratio, best_r = math.inf, None
-        for start in starts:
-            r = _start(start, shape, gen, device)
+        best_ratio, best_r, best_start = math.inf, None, ""
+        for start, r in [(name, _start(name, shape, gen, device)) for name in starts] + screened:
             r = r * (rho / r.norm())
             for i in range(iterations):
                 angle = 0.01 + 0.5 * (0.3 - 0.01) * (1 + math.cos(math.pi * i / max(iterations - 1, 1)))
@@ -195,12 +245,13 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
                 raise FloatingPointError("the sample-collapse search diverged (NaN/Inf)")
             ratio = judged_spread(r) / max(at_zero, 1e-12)
             if best_r is None or ratio < best_ratio:
-                best_ratio, best_r = ratio, r.detach()
+                best_ratio, best_r, best_start = ratio, r.detach(), start
         ends.append(best_r)
         ratios.append(best_ratio)
+        best_starts.append(best_start)
     best = min(range(len(ratios)), key=ratios.__getitem__)
     keep = CM_COLLAPSE_KEEP_RATIO if is_consistency(denoiser) else COLLAPSE_KEEP_RATIO
     return CollapseSearch(ran=True, radii=tuple(radii), ratios=tuple(ratios), spread_at_zero=at_zero,
-                          keep_below=keep, sampler=sampler_name, starts=tuple(starts),
+                          keep_below=keep, sampler=sampler_name, starts=tuple(best_starts),
                           r=ends[best].cpu(), seconds=time.perf_counter() - t0,
                           network_evaluations=denoiser.evaluations - evals0)
