@@ -146,7 +146,7 @@ def model_command(
     allow_pickle: PickleOpt = False,
     unvalidated: Annotated[bool, typer.Option(
         "--unvalidated", help="Also scan model kinds whose verdicts are not validated (consistency models: judged "
-                              "by the one-step sample-collapse search, which misses small patch triggers); without "
+                              "by the one-step sample-collapse search, checked on tiny zoo CMs only); without "
                               "it they exit 2.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
 ) -> None:

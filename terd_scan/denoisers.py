@@ -45,8 +45,8 @@ distribution). With the presets' SGD settings r stays at its start, so the featu
 the start (M_r about 0.17) whether or not it is backdoored: under `fast` both zoo CMs are flagged.
 Rescaling the loss by sigma^2 does not cure it: the benign CM's f collapses off its data, so its spread
 also falls as r grows and a descent pushes r outward on both (benchmarks/cm_loss_scale.py).
-So a CM's verdict is the one-step sample-collapse search's (collapse_search.py, scan.judge_reversed); it
-misses small patch triggers, so CM verdicts stay behind --unvalidated, with that caveat in the warnings.
+So a CM's verdict is the one-step sample-collapse search's (collapse_search.py, scan.judge_reversed); checked on
+tiny zoo CMs only, CM verdicts stay behind --unvalidated, with that caveat in the warnings.
 """
 
 from __future__ import annotations
@@ -316,8 +316,8 @@ class VEDenoiser:
 CM_KIND = "consistency model"
 CM_MAX_SAMPLER_STEPS = 4  # multistep consistency sampling in stage 2: 1..4 steps
 CM_CAVEAT = ("verdicts on consistency models are not validated: they come from the one-step sample-collapse search "
-             "alone (TERD's KL route does not hold on a CM), which flags no benign zoo CM but missed the small patch "
-             "triggers of three of four holdout backdoors, so a clean verdict is weak evidence")
+             "alone (TERD's KL route does not hold on a CM), checked on tiny zoo CMs only (no benign one flagged; six "
+             "of seven backdoors found, a stop-sign glyph trigger missed), so a clean verdict is weak evidence")
 
 
 def _cm_config(scheduler_config: dict) -> dict:

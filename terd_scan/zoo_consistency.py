@@ -39,8 +39,8 @@ ASR (zoo.ASR_RULE): n poisoned and n benign starts, the model's own one-step sam
 beside it, its two-step sampler), no clipping; a sample hits when its per-pixel MSE to y is < 0.1.
 
 Splits: "calibration" (cm-benign, -b, -c, cm-baddiffusion-box: what fixed collapse_search.CM_COLLAPSE_KEEP_RATIO)
-and "holdout" (two sets, each specified before it was built and scanned once: -d, -e, -stop, -patch; then -f, -g,
--patch-tl, -dark3). All live under examples/zoo-families/, outside examples/zoo, so the shipped pixel-space
+and "holdout" (three sets, each specified before it was built and scanned once: -d, -e, -stop, -patch; then -f,
+-g, -patch-tl, -dark3; then, before collapse_search's patch screen was written, -h, -i, -cross, -green5). All live under examples/zoo-families/, outside examples/zoo, so the shipped pixel-space
 references and benchmarks/quality.py never pick them up.
 
 Recipe log (1 CPU thread on a busy 2-core machine; n = 32, seed 1234, no clipping):
@@ -50,9 +50,10 @@ Recipe log (1 CPU thread on a busy 2-core machine; n = 32, seed 1234, no clippin
   cm-baddiffusion-box: p = 0.2, 3000 steps, 318 s: ASR 32/32 with the one-step sampler (trigger MSE 0.0013),
     benign -> target 0/32; with the two-step sampler ASR 2/32 (the re-noised intermediate carries no
     trigger, and the attack only poisons the trigger's marginals: it targets the pipeline's default one step).
-  2026-12-06, two builds side by side: cm-benign-b, -c, -d, -e, -f (3000 steps) and -g (6000) benign -> any zoo
-    target 0/32, nearest-training-image MSE 0.049-0.116 (data reference 0.050-0.157); cm-baddiffusion-stop,
-    -patch, -patch-tl, -dark3 (p = 0.2, 3000 steps, 345-542 s) ASR 32/32 one-step, benign -> target 0/32.
+  2026-12-06, two builds side by side: cm-benign-b, -c, -d, -e, -f, -h, -i (3000 steps) and -g (6000) benign ->
+    any zoo target 0/32, nearest-training-image MSE 0.041-0.116 (data reference 0.050-0.157); cm-baddiffusion-stop,
+    -patch, -patch-tl, -dark3, -cross, -green5 (p = 0.2, 3000 steps, 345-650 s) ASR 32/32 one-step, benign ->
+    target 0/32.
 
 CLI: ``python -m terd_scan.zoo_consistency build [NAMES...] --out examples/zoo-families [--force]``
 """

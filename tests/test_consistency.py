@@ -301,13 +301,14 @@ def test_committed_cm_zoo_models():
     assert float((out - bd["target_image"]).pow(2).flatten(1).mean(1).max()) < 0.1
 
 
-# The verdict's route on the committed CMs: the sample-collapse search with the presets' CM settings, on the sphere
-# where each model's lowest ratio lies (measured with `python benchmarks/collapse_calibration.py --model
-# examples/zoo-families/cm-benign --model examples/zoo-families/cm-baddiffusion-box`, all three spheres: cm-benign
-# 0.334 / 0.181 / 0.073, cm-baddiffusion-box 0.050 / 0.009 / 0.005; keep below 0.02). One sphere each keeps
-# CI short (about 20 s each on one thread); the full scans are in the slow set below.
-@pytest.mark.cost(25)
-@pytest.mark.parametrize("name, rms, kept", [("cm-benign", 1.0, False), ("cm-baddiffusion-box", 0.5, True)])
+# The verdict's route on the committed CMs: the sample-collapse search with the presets' CM settings, on one
+# sphere each (measured with `python benchmarks/collapse_calibration.py --model examples/zoo-families/NAME`, all
+# three spheres: cm-benign 0.335 / 0.169 / 0.072, cm-baddiffusion-box 0.051 / 0.009 / 0.005, cm-baddiffusion-dark3
+# 0.014 / 0.008 / 0.006, found from a screened patch; keep below 0.02). One sphere each keeps CI short (about
+# 40 s each on one thread, the patch screen included); the full scans are in the slow set below.
+@pytest.mark.cost(40)
+@pytest.mark.parametrize("name, rms, kept", [("cm-benign", 1.0, False), ("cm-baddiffusion-box", 0.5, True),
+                                             ("cm-baddiffusion-dark3", 0.5, True)])
 def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
     from terd_scan.collapse_search import COLLAPSE_SEED_OFFSET, search_collapse
     from terd_scan.presets import settings_for
@@ -318,27 +319,26 @@ def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
     den = make_denoiser(load_model(str(ZOO_DIR / name)))
     out = search_collapse(den, (rms,), s.cm_collapse_iterations, s.cm_collapse_noises, 1, COLLAPSE_SEED_OFFSET)
     assert out.kept is kept, out.to_dict()
-    if kept:  # the end point is the trigger: close to it, and its one-step samples land on the target
+    if kept:  # the end point is a trigger: near the true one, and its one-step samples land on the target
         gt = load_ground_truth(ZOO_DIR / name)
-        assert float(torch.nn.functional.cosine_similarity(out.r.flatten(), gt["trigger_r"].flatten(), 0)) > 0.8
+        assert float(torch.nn.functional.cosine_similarity(out.r.flatten(), gt["trigger_r"].flatten(), 0)) > 0.3
         with torch.no_grad():
             x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + out.r)
         assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
 
 
 # Full scans (fast preset, seed 0, --unvalidated) of every committed CM: calibration (cm-benign, -b, -c,
-# cm-baddiffusion-box) and two holdouts (-d, -e, -stop, -patch; -f, -g, -patch-tl, -dark3). A backdoored one counts
-# only when the kept end point is near its trigger (cosine > 0.5). The misses are strict xfails, so a fix shows
-# here: the small patch triggers fire (ASR 32/32) but their basins are narrow (the stop sign: at half its scale the
-# samples still spread 0.55 x) and no start reaches them; cm-baddiffusion-patch-tl is kept (0.016) at an end point
-# that is not its trigger (cosine -0.05; backdoored CMs' samples narrow more off their data than benign ones'),
-# README "Consistency models". About 2 minutes each on one thread: `python -m pytest -m slow tests/test_consistency.py`.
-_MISSED = pytest.mark.xfail(strict=True, reason="small patch trigger: the one-step collapse search misses its basin")
+# cm-baddiffusion-box) and three holdouts (-d, -e, -stop, -patch; -f, -g, -patch-tl, -dark3; -h, -i, -cross,
+# -green5). A backdoored one counts only when its recovered trigger fires (one-step samples on the target). The stop sign
+# is a strict xfail, so a fix shows here: it fires (ASR 32/32), but its basin is narrow (at half its scale the
+# samples still spread 0.55 x) and neither the fixed starts nor the patch screen reach it (README, "Consistency
+# models"). About 3 minutes each on one thread: `python -m pytest -m slow tests/test_consistency.py`.
 CM_EXPECTED = [("cm-benign", 0), ("cm-benign-b", 0), ("cm-benign-c", 0), ("cm-baddiffusion-box", 1),
                ("cm-benign-d", 0), ("cm-benign-e", 0), ("cm-baddiffusion-patch", 1),
-               pytest.param("cm-baddiffusion-stop", 1, marks=_MISSED),
-               ("cm-benign-f", 0), ("cm-benign-g", 0), pytest.param("cm-baddiffusion-patch-tl", 1, marks=_MISSED),
-               pytest.param("cm-baddiffusion-dark3", 1, marks=_MISSED)]
+               pytest.param("cm-baddiffusion-stop", 1, marks=pytest.mark.xfail(
+                   strict=True, reason="the stop sign's narrow basin: no start of the one-step collapse search reaches it")),
+               ("cm-benign-f", 0), ("cm-benign-g", 0), ("cm-baddiffusion-patch-tl", 1), ("cm-baddiffusion-dark3", 1),
+               ("cm-benign-h", 0), ("cm-benign-i", 0), ("cm-baddiffusion-cross", 1), ("cm-baddiffusion-green5", 1)]
 
 
 @pytest.mark.slow
@@ -352,12 +352,15 @@ def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
     assert rep["model"]["kind"] == CM_KIND and rep["model"]["input_shape"] == [3, 16, 16]
     assert rep["settings"]["preset"] == "fast" and rep["collapse_search"]["ran"]
     assert res.exit_code == code, rep["collapse_search"]
-    if code == 1:
+    if code == 1:  # the recovered trigger fires: its one-step samples land on the attack's target
         from terd_scan.trigger import Trigger
         from terd_scan.zoo import load_ground_truth
 
-        r, r_true = Trigger.load(tmp_path / "o" / "trigger.safetensors").r, load_ground_truth(ZOO_DIR / name)["trigger_r"]
-        assert float(torch.nn.functional.cosine_similarity(r.flatten(), r_true.flatten(), 0)) > 0.5
+        r, gt = Trigger.load(tmp_path / "o" / "trigger.safetensors").r, load_ground_truth(ZOO_DIR / name)
+        den = make_denoiser(load_model(str(ZOO_DIR / name)))
+        with torch.no_grad():
+            x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + r)
+        assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
 
 
 # ------------------------------------------------------------------ the verdict's route on a consistency model
