@@ -19,9 +19,10 @@ never reach (docs/QUALITY.md, "Sample-collapse search").
 
 Consistency models: the same search through the pipeline's default one-step consistency sampler (what a
 CM backdoor targets), and there it is the only route to a verdict (TERD's pair loss is about 1000x weaker on a
-CM, README "Consistency models"). Each sphere is descended from three starts, a Gaussian direction and the
-constant canvases +1 and -1 scaled to the radius (one-step sampling is cheap; a trigger drawn on a canvas
-sits in a basin a Gaussian start can miss), and the keep ratio is CM_COLLAPSE_KEEP_RATIO: a benign tiny
+CM, README "Consistency models"). Each sphere is descended from five starts, scaled to its radius: a Gaussian
+direction, the constant canvases +1 and -1 (a trigger drawn on a canvas sits in a basin a Gaussian start can
+miss) and the two best patches of a patch screen (screen_patches: every square patch on zero, forward passes
+only; a small patch trigger's basin is narrower still). The keep ratio is CM_COLLAPSE_KEEP_RATIO: a benign tiny
 CM's one-step samples also narrow off its data, to about a tenth of their spread at rms radius 1, while a
 backdoored one's fall to a hundredth (docs/QUALITY.md, "Consistency models").
 
