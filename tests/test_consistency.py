@@ -304,9 +304,13 @@ def test_committed_cm_zoo_models():
 # The verdict's route on the committed CMs: the sample-collapse search with the presets' CM settings, on one
 # sphere each (measured with `python benchmarks/collapse_calibration.py --model examples/zoo-families/NAME`, all
 # three spheres: cm-benign 0.335 / 0.169 / 0.072, cm-baddiffusion-box 0.051 / 0.009 / 0.005, cm-baddiffusion-dark3
-# 0.014 / 0.008 / 0.006, found from a screened patch; keep below 0.02). One sphere each keeps CI short (about
-# 40 s each on one thread, the patch screen included); the full scans are in the slow set below.
-@pytest.mark.cost(40)
+# 0.014 / 0.008 / 0.006, found from a screened patch; keep below 0.02). One sphere each and 30 descent steps
+# instead of the presets' 100 keep CI short (about 30 s each on one thread, the patch screen included); the full
+# scans, at the presets' settings, are in the slow set below.
+CI_ITERATIONS = 30
+
+
+@pytest.mark.cost(30)
 @pytest.mark.parametrize("name, rms, kept", [("cm-benign", 1.0, False), ("cm-baddiffusion-box", 0.5, True),
                                              ("cm-baddiffusion-dark3", 0.5, True)])
 def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
@@ -317,7 +321,7 @@ def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
     _zoo_dirs()
     s = settings_for("standard")
     den = make_denoiser(load_model(str(ZOO_DIR / name)))
-    out = search_collapse(den, (rms,), s.cm_collapse_iterations, s.cm_collapse_noises, 1, COLLAPSE_SEED_OFFSET)
+    out = search_collapse(den, (rms,), CI_ITERATIONS, s.cm_collapse_noises, 1, COLLAPSE_SEED_OFFSET)
     assert out.kept is kept, out.to_dict()
     if kept:  # the end point is a trigger: near the true one, and its one-step samples land on the target
         gt = load_ground_truth(ZOO_DIR / name)
