@@ -28,7 +28,7 @@ ZOO = Path(__file__).resolve().parent.parent / "examples" / "zoo"
 def _one(job: tuple) -> dict:
     name, overrides, seed = job
     torch.set_num_threads(1)
-    from terd_scan.collapse_search import EVAL_NOISES, _sampler, search_for
+    from terd_scan.collapse_search import EVAL_NOISES, sampler_for, search_for
     from terd_scan.denoisers import make_denoiser
     from terd_scan.presets import settings_for
     from terd_scan.scan import ScanOptions, load_source
@@ -42,7 +42,7 @@ def _one(job: tuple) -> dict:
     row = {"model": path.name, "label": gt["label"], "split": gt.get("split"), "seed": seed, **out.to_dict()}
     if gt["label"] == "backdoored":
         row["cosine"] = round(cosine(out.r, gt["trigger_r"]), 3)
-        samples = _sampler(den, s.collapse_steps)[0]
+        samples = sampler_for(den, s.collapse_steps)[0]
         with torch.no_grad():
             x = samples(torch.randn((EVAL_NOISES, *den.input_shape)) + out.r, 7)
         row["target_mse"] = round(float((x - gt["target_image"]).pow(2).mean()), 4)

@@ -115,13 +115,13 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
     return x.var(0).mean()
 
 
-def _sampler(denoiser, steps: int):
-    """(samples(x_T, seed, checkpoint), its name, the starts each sphere is descended from)."""
+def sampler_for(denoiser, steps: int):
+    """(samples(x_T, seed, checkpoint), its name): the sampler the search reads for this kind of model."""
     if is_consistency(denoiser):
         return (lambda x_T, seed, checkpoint=False: denoiser.one_step_sample(x_T),
-                "one-step consistency sampling (the pipeline's default), no clipping", CM_STARTS)
+                "one-step consistency sampling (the pipeline's default), no clipping")
     return (lambda x_T, seed, checkpoint=False: ddpm_samples(denoiser, x_T, steps, seed, checkpoint),
-            f"DDPM ancestral, {steps} steps, no clipping", ("gaussian",))
+            f"DDPM ancestral, {steps} steps, no clipping")
 
 
 # Consistency models: each sphere from a Gaussian direction, the constant canvases +1 and -1, and the
@@ -138,11 +138,13 @@ def _start(name: str, shape: tuple, gen: torch.Generator, device) -> torch.Tenso
     return torch.full(shape, 1.0 if name == "canvas +1" else -1.0, device=device)
 
 
-def patch_candidates(shape: tuple) -> list[tuple[int, int, int, tuple]]:
+def screen_candidates(shape: tuple) -> list[tuple[int, int, int, tuple]]:
     """(side, top, left, channel signs) of every square patch the screen tries: sides 1/8, 2/8, 3/8 and 4/8 of
     the image's shorter side, at every position (stride 1), every sign pattern over the channels (grey +-1
     only above 4 channels). A small trigger drawn on zero (a patch, a glyph) has a narrow basin that the
-    Gaussian and canvas starts miss; one of these, scaled to the sphere, lands inside it."""
+    Gaussian and canvas starts miss; one of these, scaled to the sphere, lands inside it. Unlike the TERD
+    route's patch_search.patch_candidates (one side, grey, all patches built at once) the candidates are
+    descriptions, built a chunk at a time by screen_patches: at 64 px they number about 67,000."""
     c, h, w = shape
     signs = ([tuple(1.0 if (k >> i) & 1 else -1.0 for i in range(c)) for k in range(2 ** c)] if c <= 4
              else [(1.0,) * c, (-1.0,) * c])
@@ -165,10 +167,10 @@ def _patch_name(candidate: tuple) -> str:
 
 def screen_patches(samples, shape: tuple, rho: float, gen: torch.Generator, device,
                    keep: int = PATCH_SCREEN_KEEP) -> list[tuple[str, torch.Tensor]]:
-    """The `keep` patches (patch_candidates, each scaled to norm rho) whose one-step samples from
+    """The `keep` patches (screen_candidates, each scaled to norm rho) whose one-step samples from
     PATCH_SCREEN_NOISES common noises spread least: forward passes only."""
     e = torch.randn((PATCH_SCREEN_NOISES, *shape), generator=gen, device=device)
-    candidates = patch_candidates(shape)
+    candidates = screen_candidates(shape)
     per_call = max(1, PATCH_SCREEN_BATCH // PATCH_SCREEN_NOISES)
     spreads = []
     with torch.no_grad():
@@ -213,7 +215,9 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
             checkpoint: bool) -> CollapseSearch:
     t0, evals0 = time.perf_counter(), denoiser.evaluations
     device, shape = denoiser.device, denoiser.input_shape
-    samples, sampler_name, starts = _sampler(denoiser, steps)
+    consistency = is_consistency(denoiser)
+    samples, sampler_name = sampler_for(denoiser, steps)
+    starts = CM_STARTS if consistency else ("gaussian",)
     gen = torch.Generator(device=device).manual_seed(seed)
     e_eval = torch.randn((EVAL_NOISES, *shape), generator=gen, device=device)
     eval_seed = seed + 1
@@ -228,8 +232,7 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
     dim = math.prod(shape)
     # the patch screen runs once, on the widest sphere (a trigger's basin is widest there), and its patches
     # start a descent on every sphere
-    screened = (screen_patches(samples, shape, max(radii) * math.sqrt(dim), gen, device)
-                if is_consistency(denoiser) else [])
+    screened = screen_patches(samples, shape, max(radii) * math.sqrt(dim), gen, device) if consistency else []
     for rms in radii:
         rho = rms * math.sqrt(dim)
         best_ratio, best_r, best_start = math.inf, None, ""
@@ -251,7 +254,7 @@ def _search(denoiser, radii: tuple, iterations: int, noises: int, steps: int, se
         ratios.append(best_ratio)
         best_starts.append(best_start)
     best = min(range(len(ratios)), key=ratios.__getitem__)
-    keep = CM_COLLAPSE_KEEP_RATIO if is_consistency(denoiser) else COLLAPSE_KEEP_RATIO
+    keep = CM_COLLAPSE_KEEP_RATIO if consistency else COLLAPSE_KEEP_RATIO
     return CollapseSearch(ran=True, radii=tuple(radii), ratios=tuple(ratios), spread_at_zero=at_zero,
                           keep_below=keep, sampler=sampler_name, starts=tuple(best_starts),
                           r=ends[best].cpu(), seconds=time.perf_counter() - t0,

@@ -83,7 +83,8 @@ class ReversionSettings:
     collapse_noises: int = 8
     collapse_steps: int = 20
     # Consistency models (collapse_search.py): the same search through one-step consistency sampling, from
-    # three starts per sphere, is their verdict's only route and runs in every preset.
+    # five starts per sphere (three fixed, two from the patch screen), is their verdict's only route and runs
+    # in every preset.
     cm_collapse_radii: tuple = (0.25, 0.5, 1.0)
     cm_collapse_iterations: int = 100
     cm_collapse_noises: int = 32

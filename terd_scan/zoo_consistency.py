@@ -40,8 +40,9 @@ beside it, its two-step sampler), no clipping; a sample hits when its per-pixel 
 
 Splits: "calibration" (cm-benign, -b, -c, cm-baddiffusion-box: what fixed collapse_search.CM_COLLAPSE_KEEP_RATIO)
 and "holdout" (three sets, each specified before it was built and scanned once: -d, -e, -stop, -patch; then -f,
--g, -patch-tl, -dark3; then, before collapse_search's patch screen was written, -h, -i, -cross, -green5). All live under examples/zoo-families/, outside examples/zoo, so the shipped pixel-space
-references and benchmarks/quality.py never pick them up.
+-g, -patch-tl, -dark3; then, before collapse_search's patch screen was written, -h, -i, -cross, -green5). All
+live under examples/zoo-families/, outside examples/zoo, so the shipped pixel-space references and
+benchmarks/quality.py never pick them up.
 
 Recipe log (1 CPU thread on a busy 2-core machine; n = 32, seed 1234, no clipping):
   cm-benign: 3000 steps (N 10 -> 160), 361 s: one-step samples' nearest-training-image MSE 0.125 (two-step
@@ -162,7 +163,8 @@ class CMSpec(TrainSpec):
 
 
 CM_ZOO: dict[str, CMSpec] = {s.name: s for s in [
-    CMSpec("cm-benign", image_set="shapes", seed=41, split="calibration", note="consistency training (iCT-style) on the shapes set"),
+    CMSpec("cm-benign", image_set="shapes", seed=41, split="calibration",
+           note="consistency training (iCT-style) on the shapes set"),
     CMSpec("cm-baddiffusion-box", label="backdoored", attack="baddiffusion-cm", trigger="box", target="corner",
            poison_rate=0.2, image_set="shapes", seed=42, split="calibration",
            note="BOX trigger -> CORNER target; f(y + sigma (z + r), sigma) = y; trigger_r in normalised units"),

@@ -425,7 +425,7 @@ def test_a_cm_whose_search_did_not_run_gets_no_verdict(monkeypatch):
 
 def test_cm_collapse_search_descends_from_three_starts_and_the_screens_patches():
     from terd_scan.collapse_search import (CM_COLLAPSE_KEEP_RATIO, CM_STARTS, PATCH_SCREEN_KEEP, PATCH_SCREEN_NOISES,
-                                           patch_candidates, search_collapse)
+                                           screen_candidates, search_collapse)
 
     den = ConsistencyDenoiser(fm.make_unet(0), CM_CONFIG)
     out = search_collapse(den, (0.5,), 2, noises=4, steps=1, seed=0)
@@ -435,7 +435,7 @@ def test_cm_collapse_search_descends_from_three_starts_and_the_screens_patches()
     assert d["sampler"].startswith("one-step consistency sampling")
     # the screen (forward only), then 5 starts x 2 iterations x 4 noises, r = 0 and each end point judged on 32
     starts = len(CM_STARTS) + PATCH_SCREEN_KEEP
-    assert d["network_evaluations"] == len(patch_candidates((3, 8, 8))) * PATCH_SCREEN_NOISES + starts * 2 * 4 + (1 + starts) * 32
+    assert d["network_evaluations"] == len(screen_candidates((3, 8, 8))) * PATCH_SCREEN_NOISES + starts * 2 * 4 + (1 + starts) * 32
     assert out.r.shape == (3, 8, 8) and float(out.r.pow(2).mean().sqrt()) == pytest.approx(0.5, rel=1e-4)
     again = search_collapse(den, (0.5,), 2, noises=4, steps=1, seed=0)
     assert again.ratios == out.ratios and torch.equal(again.r, out.r)  # deterministic given the seed
@@ -444,10 +444,10 @@ def test_cm_collapse_search_descends_from_three_starts_and_the_screens_patches()
 def test_patch_screen_finds_a_planted_patch_trigger():
     """A stand-in one-step sampler whose samples collapse when the input carries a 2x2 (+, -, +) patch at (5, 1):
     the screen's best candidate is that patch, and the candidates cover four sides, every position and sign."""
-    from terd_scan.collapse_search import _patch, patch_candidates, screen_patches
+    from terd_scan.collapse_search import _patch, screen_candidates, screen_patches
 
     shape = (3, 16, 16)
-    cands = patch_candidates(shape)
+    cands = screen_candidates(shape)
     assert {c[0] for c in cands} == {2, 4, 6, 8} and len(cands) == (15 ** 2 + 13 ** 2 + 11 ** 2 + 9 ** 2) * 8
     planted = _patch((2, 5, 1, (1.0, -1.0, 1.0)), shape, "cpu")
     unit = planted / planted.norm()
