@@ -185,7 +185,7 @@ def reverse_model(source: str, options: ScanOptions,
     info = denoiser.info()
     if info.caveat and not options.unvalidated:  # before the expensive part
         raise UnsupportedModelError(f"not supported yet for a verdict ({info.kind}): {info.caveat}; "
-                                    "pass --unvalidated to scan it anyway (a clean verdict is weak evidence)")
+                                    "pass --unvalidated to scan it anyway")
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
     basin, basin_seconds = None, 0.0
