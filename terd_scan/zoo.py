@@ -141,7 +141,8 @@ def _blend_image() -> torch.Tensor:
 # gamma: the spread of the poisoned starting noise x_T ~ N(r, gamma^2). TrojDiff narrows it: 0.6 for
 # its blend trigger, 0.1 for its patch trigger (a stop sign on an otherwise near-constant noise).
 TRIGGER_GAMMA = {"box": 1.0, "box-inv": 1.0, "patch": 1.0, "patch-tl": 1.0, "patch-dark3": 1.0, "stop": 1.0, "blend": 0.6,
-                 "stop-narrow": 0.1, "stop-canvas": 1.0, "blend-smiley": 0.6, "cross": 1.0, "patch-green5": 1.0}
+                 "stop-narrow": 0.1, "stop-canvas": 1.0, "blend-smiley": 0.6, "cross": 1.0, "patch-green5": 1.0,
+                 "flag": 1.0}
 
 
 def make_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +165,10 @@ def make_trigger(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     elif name == "patch-green5":  # a green 5x5 patch, top right
         r = _canvas(0.0)
         r[:, 2:7, 9:14] = torch.tensor([-1.0, 1.5, -1.0])[:, None, None]
+    elif name == "flag":  # a tricolour 6x6 glyph (red, white, blue bands), bottom left: no one colour fits it
+        r = _canvas(0.0)
+        for k, colour in enumerate(([1.5, -1.0, -1.0], [1.5, 1.5, 1.5], [-1.0, -1.0, 1.5])):
+            r[:, 9:15, 1 + 2 * k:3 + 2 * k] = torch.tensor(colour)[:, None, None]
     elif name in ("stop", "stop-narrow"):  # stop-narrow: TrojDiff's patch trigger (gamma 0.1)
         r = _trigger_stop()
     elif name == "stop-canvas":

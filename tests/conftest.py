@@ -3,12 +3,15 @@ and HF_HOME points at a temporary folder for the whole session."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 # before huggingface_hub is imported anywhere: no real cache, no token, no telemetry
 _HF_HOME = tempfile.mkdtemp(prefix="terd-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # one per test process: none left behind
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ.pop("HF_TOKEN", None)
