@@ -1,6 +1,7 @@
 """The sample-collapse search (terd_scan/collapse_search.py) on zoo models: its end-point spread ratio at
 each radius, for the benign models (which must stay above COLLAPSE_KEEP_RATIO) and for backdoored ones
-(with the end point's cosine to the true trigger and its samples' MSE to the attack's target). One
+(with the end point's cosine to the true trigger, its samples' MSE to the attack's target and how many of
+them hit it by the zoo's ASR rule). One
 thread per process; `--jobs` processes side by side.
 
     python benchmarks/collapse_calibration.py --model benign-a --model baddiffusion-stop-corner [--jobs 2]
@@ -32,7 +33,7 @@ def _one(job: tuple) -> dict:
     from terd_scan.denoisers import make_denoiser
     from terd_scan.presets import settings_for
     from terd_scan.scan import ScanOptions, load_source
-    from terd_scan.zoo import load_ground_truth
+    from terd_scan.zoo import ASR_MSE_THRESHOLD, load_ground_truth
 
     s = settings_for("standard", **overrides)
     path = Path(name) if Path(name).is_dir() else ZOO / name
@@ -45,7 +46,10 @@ def _one(job: tuple) -> dict:
         samples = sampler_for(den, s.collapse_steps)[0]
         with torch.no_grad():
             x = samples(torch.randn((EVAL_NOISES, *den.input_shape)) + out.r, 7)
-        row["target_mse"] = round(float((x - gt["target_image"]).pow(2).mean()), 4)
+        per_sample = (x - gt["target_image"]).pow(2).flatten(1).mean(1)
+        row["target_mse"] = round(float(per_sample.mean()), 4)
+        # the zoo's ASR rule on the end point's samples: does the recovered trigger fire?
+        row["target_hits"] = f"{int((per_sample < ASR_MSE_THRESHOLD).sum())}/{EVAL_NOISES}"
     return row
 
 
@@ -64,12 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         overrides[k] = tuple(float(x) for x in v.split(",")) if "," in v else (int(v) if v.isdigit() else float(v))
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(_one, [(m, overrides, seed) for m in args.model for seed in args.seed or [0]]))
-    lines = ["| model | label | split | seed | ratio per radius | ratio | kept | cosine | target MSE | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | label | split | seed | ratio per radius | ratio | kept | cosine | target MSE | hits | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['label']} | {r['split']} | {r['seed']} | "
                      f"{', '.join(f'{v:.3f}' for v in r['ratios'])} (rms {', '.join(map(str, r['radii_rms']))}) | "
-                     f"{r['ratio']:.3f} | {r['kept']} | {r.get('cosine', '-')} | {r.get('target_mse', '-')} | "
+                     f"{r['ratio']:.3f} | {r['kept']} | {r.get('cosine', '-')} | {r.get('target_mse', '-')} | {r.get('target_hits', '-')} | "
                      f"{r['seconds']:.0f} |")
     print("\n".join(lines))
     if args.out:

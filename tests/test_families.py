@@ -691,15 +691,17 @@ def _ddim_zoo_verdict(tmp_path, name, code):
         assert f["mean_kl"] < th["mean_kl"] and f["var_kl"] < th["var_kl"], (f, th)
 
 
-# slow for CI time (130 s on one core): its fast-preset verdict is in benchmarks/results/quality-fast-standard.md
-# (score 0.93, clean); the DDIM-repo loading path stays in CI through the TrojDiff scan below and the end-to-end test
+# Both slow, for CI time (130 s and 222 s on one core; the TrojDiff scan's stage 1, stage 2 and narrow refinement
+# on the ch-64 network are most of it, the cheaper searches off saves little): their fast-preset verdicts are in
+# benchmarks/results/quality-fast-standard.md (scores 0.93 clean, 10.9 backdoored). The DDIM-repo path stays in CI
+# through the key-mapping test, the committed models' load test and the end-to-end CLI scan above.
 @pytest.mark.slow
 class TestScanOfCommittedDDIMRepoBenign:
     def test_verdict(self, tmp_path):
         _ddim_zoo_verdict(tmp_path, "ddim-benign", 0)
 
 
-@pytest.mark.cost(222)
+@pytest.mark.slow
 class TestScanOfCommittedDDIMRepoTrojDiff:
     def test_verdict(self, tmp_path):
         _ddim_zoo_verdict(tmp_path, "ddim-trojdiff-blend", 1)
