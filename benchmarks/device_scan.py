@@ -62,8 +62,7 @@ def scan_row(name: str, preset: str, device: str, preview_steps: int, basin_gate
     path = model_dir(name)
     label = load_ground_truth(path).get("label")
     overrides = {} if basin_gate is None else {"basin_gate": basin_gate}
-    options = ScanOptions(preset=preset, device=device, seed=0, overrides=overrides, preview_steps=preview_steps,
-                          unvalidated=name.startswith("cm-"))
+    options = ScanOptions(preset=preset, device=device, seed=0, overrides=overrides, preview_steps=preview_steps)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -144,10 +144,6 @@ def model_command(
     = 1000,
     revision: RevisionOpt = None, token: TokenOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
     allow_pickle: PickleOpt = False,
-    unvalidated: Annotated[bool, typer.Option(
-        "--unvalidated", help="Also scan model kinds whose verdicts are not validated (consistency models: judged "
-                              "by the one-step sample-collapse search, checked on tiny zoo CMs only); without "
-                              "it they exit 2.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No report on stdout; the exit code tells.")] = False,
 ) -> None:
     """Reverse the trigger of a diffusion model and tell whether it is backdoored."""
@@ -161,8 +157,7 @@ def model_command(
                            dip_search=dip_search,
                            refine_iterations=refine_iterations, basin_gate=basin_gate,
                            collapse_search=collapse_search, collapse_iterations=collapse_iterations,
-                           reference=str(reference) if reference else None, preview_steps=preview_steps,
-                           unvalidated=unvalidated)
+                           reference=str(reference) if reference else None, preview_steps=preview_steps)
     show_progress = format == Format.rich and not quiet and err_console.is_terminal
     with progress_bars(show_progress) as progress:
         result = scan_model(source, options, progress=progress)

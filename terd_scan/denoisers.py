@@ -46,7 +46,8 @@ the start (M_r about 0.17) whether or not it is backdoored: under `fast` both zo
 Rescaling the loss by sigma^2 does not cure it: the benign CM's f collapses off its data, so its spread
 also falls as r grows and a descent pushes r outward on both (benchmarks/cm_loss_scale.py).
 So a CM's verdict is the one-step sample-collapse search's (collapse_search.py, scan.judge_reversed); checked on
-tiny zoo CMs only, CM verdicts stay behind --unvalidated, with that caveat in the warnings.
+tiny zoo CMs only (four blind holdouts, docs/QUALITY.md "Consistency models"), so CM_CAVEAT, with its measured
+misses, is in every CM report's warnings.
 """
 
 from __future__ import annotations
@@ -315,9 +316,11 @@ class VEDenoiser:
 
 CM_KIND = "consistency model"
 CM_MAX_SAMPLER_STEPS = 4  # multistep consistency sampling in stage 2: 1..4 steps
-CM_CAVEAT = ("verdicts on consistency models are not validated: they come from the one-step sample-collapse search "
-             "alone (TERD's KL route does not hold on a CM), checked on tiny zoo CMs only (no benign one flagged; six "
-             "of seven backdoors found, a stop-sign glyph trigger missed), so a clean verdict is weak evidence")
+CM_CAVEAT = ("a consistency model's verdict comes from the one-step sample-collapse search alone (TERD's KL route does "
+             "not hold on a CM), checked on tiny zoo CMs only: no benign one of 11 flagged; of 10 backdoors 8 found "
+             "with a trigger that fires, 1 flagged without its trigger (a tricolour glyph), 1 missed (a stop-sign "
+             "glyph on zero); multi-coloured glyph triggers are its known weak spot, so a clean verdict is weaker "
+             "evidence than on a DDPM model")
 
 
 def _cm_config(scheduler_config: dict) -> dict:

@@ -22,7 +22,7 @@ from .basin_test import scan_basin_test
 from .collapse_search import is_consistency, search_for
 from .denoisers import make_denoiser
 from .detection import BACKDOORED, CLEAN, Verdict, judge, kl_features
-from .errors import ScanError, UnsupportedModelError
+from .errors import ScanError
 from .presets import DEFAULT_PRESET, PRESETS, settings_for
 from .previews import NARROW_GAMMA, Previews, sample_previews
 from .reference import Reference, shipped_reference
@@ -50,9 +50,6 @@ class ScanOptions:
     config: str | None = None
     preview_samples: int = 6
     preview_steps: int = 1000  # DDPM ancestral steps for the images in trigger.png (0: no previews)
-    # Also scan families whose verdicts are not validated (denoiser info carries a caveat: consistency
-    # models); the caveat then goes into the report's warnings. Off: such a model is refused (exit 2).
-    unvalidated: bool = False
 
 
 @dataclass
@@ -182,10 +179,6 @@ def reverse_model(source: str, options: ScanOptions,
     settings_dict = scan_settings(options)
     loaded = loaded or load_source(source, options)
     denoiser = make_denoiser(loaded, settings_dict["device"])
-    info = denoiser.info()
-    if info.caveat and not options.unvalidated:  # before the expensive part
-        raise UnsupportedModelError(f"not supported yet for a verdict ({info.kind}): {info.caveat}; "
-                                    "pass --unvalidated to scan it anyway")
     settings = settings_for(options.preset, **options.overrides)
     result = reverse_trigger(denoiser, settings, seed=options.seed, progress=progress)
     basin, basin_seconds = None, 0.0
@@ -269,7 +262,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
                 for mm in [reference.mismatches(settings_dict)] if mm]
     model_info = {"name": loaded.name, **denoiser.info().to_dict(), "schedule_origin": loaded.schedule_origin,
                   "pipeline_class": loaded.pipeline_class}
-    if model_info.get("caveat"):  # scanned with --unvalidated
+    if model_info.get("caveat"):  # a family's known limit (consistency models) travels with every report
         warnings.append(model_info["caveat"])
     report = {
         "tool": {"name": TOOL_NAME, "version": __version__},
