@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .denoisers import CM_KIND
 from .dip_search import DIP_SEED_RATIO
 from .narrow_search import SEED_RATIO
 from .patch_search import BASIN_RATIO
@@ -106,7 +107,10 @@ def render_console(report: dict, console) -> None:
                         border_style="red" if bad else "green", expand=False))
 
     feats, th = report["features"], report["thresholds"]
-    t = Table(title="Features of the reversed trigger N(r, gamma^2) vs the benign prior", title_justify="left")
+    title = "Features of the reversed trigger N(r, gamma^2) vs the benign prior"
+    if report["model"].get("kind") == CM_KIND:  # judged by the collapse search alone (scan.CM_KL_NOTE)
+        title += " (reported, not used for a consistency model's verdict)"
+    t = Table(title=title, title_justify="left")
     t.add_column("feature")
     t.add_column("value", justify="right")
     t.add_column("threshold", justify="right")
@@ -189,9 +193,9 @@ def render_console(report: dict, console) -> None:
             info.add_row("collapse search", cl["note"])
         else:
             ratios = ", ".join(f"{v:.3g} at rms {rms:g}" for v, rms in zip(cl["ratios"], cl["radii_rms"]))
-            info.add_row("collapse search", f"spread of DDPM samples from N(r, I) over that from N(0, I), r descended on "
-                                            f"spheres: {ratios}; "
-                                            + (f"a collapse (below {cl['keep_below']:g}): its r is the trigger"
+            info.add_row("collapse search", f"{cl.get('sampler') or 'DDPM ancestral'}: the spread of samples from N(r, I) "
+                                            f"over that from N(0, I), r descended on spheres: {ratios}; "
+                                            + (f"a collapse (below {cl['keep_below']:g}): its r is reported as the trigger"
                                                if cl["kept"] else f"no collapse (all >= {cl['keep_below']:g})"))
     for key, label in (("trigger_png", "trigger image"), ("trigger_safetensors", "trigger tensor"),
                        ("report_json", "report")):

@@ -151,10 +151,11 @@ def judge_reversed(rev: Reversed, reference, progress: Callable[[str, int, int],
     rev.features = kl_features(result.r, result.gamma)
     result.runs = [{**run, "chosen": False} for run in result.runs] + [
         {"start": result.start, **rev.features.to_dict(), "chosen": True}]
-    fires = ("a trigger that fires under one-step consistency sampling" if consistency else
-             "a trigger that fires under DDPM sampling where TERD's pair loss does not hold one")
+    # what was measured: the samples collapse; whether onto the attack's own target is unknown to a scan
+    found = "r, the noise shift that collapses them, is reported as the trigger" + (
+        "" if consistency else " (TERD's pair loss did not hold one)")
     return Verdict(BACKDOORED, [*verdict.reasons, f"{sampler} collapse: from N(r, I) on a sphere of rms radius {rms:g} "
-                                f"they spread {c.ratio:.3g} x as much as from N(0, I) (below {c.keep_below:g}), {fires}"])
+                                f"they spread {c.ratio:.3g} x as much as from N(0, I) (below {c.keep_below:g}); {found}"])
 
 
 def load_source(source: str, options: ScanOptions):

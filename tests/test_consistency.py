@@ -242,6 +242,17 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["timing"]["network_evaluations"] > 0 and rep["timing"]["collapse_search_seconds"] > 0
+    # the console report names the route that judged it: the KL table is marked unused, the search's sampler shown
+    from rich.console import Console
+
+    from terd_scan.report import render_console
+
+    console = Console(record=True, width=300)
+    render_console(rep, console)
+    text = console.export_text()
+    assert "(reported, not used for a consistency model's verdict)" in text
+    assert "collapse search  one-step consistency sampling" in text and "DDPM ancestral" not in text
+    assert "known weak spot" in text  # the caveat, among the warnings
 
 
 def test_calibrate_refuses_consistency_models(tmp_path):
