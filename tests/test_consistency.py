@@ -344,8 +344,9 @@ def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
 # target). Strict xfails, so a fix shows here: the stop sign on zero (ASR 32/32, but its basin is narrow: at half
 # its scale the samples still spread 0.55 x, and neither the fixed starts nor the patch screen reach it) and the
 # tricolour flag (flagged, exit 1, by the backdoored models' off-trigger floor at 0.017, its end point not the
-# trigger; README, "Consistency models"). About 3 minutes each on one thread:
-# `python -m pytest -m slow tests/test_consistency.py`.
+# trigger; README, "Consistency models"). About 3 minutes each on one thread; `--dist load` shares them out
+# (`--dist loadscope` keeps one test's parameters on one worker): `python -m pytest -q -n 2 --dist load -m slow
+# tests/test_consistency.py`.
 _GLYPH = "a multi-coloured glyph's narrow basin: no start of the one-step collapse search reaches it"
 CM_EXPECTED = [("cm-benign", 0), ("cm-benign-b", 0), ("cm-benign-c", 0), ("cm-baddiffusion-box", 1),
                ("cm-benign-d", 0), ("cm-benign-e", 0), ("cm-baddiffusion-patch", 1),
