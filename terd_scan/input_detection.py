@@ -34,7 +34,7 @@ import torch
 from .errors import ScanError
 from .noise_files import NoiseFileError, list_noise_files, read_noise_file
 from .safety import sha256_file
-from .trigger import Trigger
+from .trigger import COLLAPSE_START, Trigger
 
 __all__ = [
     "InvalidNoiseError", "NonFiniteNoiseError", "NoiseShapeError", "NoiseFilter", "score_noises", "is_poisoned",
@@ -276,6 +276,12 @@ def trigger_warnings(trigger: Trigger, threshold: float = 0.0) -> list[str]:
     if isinstance(verdict, str) and verdict != "backdoored":
         out.append(f"the model this trigger was reversed from was judged {verdict!r}: its reversed trigger "
                    "is not a backdoor, so flags are likely false positives")
+    start = (trigger.metadata or {}).get("start")
+    if isinstance(start, str) and start.startswith(COLLAPSE_START):
+        out.append(f"this trigger was found by the {start}: a noise shift that collapses the model's samples, not "
+                   "a reversed distribution of the attack's noises, so noises carrying the attack's own trigger can "
+                   "score below the threshold (on the zoo's cm-baddiffusion-blend none of 8 was flagged) and the "
+                   "expected rates assume noises drawn around this r: a 'benign' here is weak evidence")
     rates = NoiseFilter(trigger, threshold).expected_rates()
     fpr, fnr = rates["expected_fpr"], 1.0 - rates["expected_tpr"]
     if fpr > FPR_WARNING or fnr > FPR_WARNING:

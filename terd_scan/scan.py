@@ -28,7 +28,7 @@ from .previews import NARROW_GAMMA, Previews, sample_previews
 from .reference import Reference, shipped_reference
 from .report import to_json, trigger_image, write_atomic
 from .reversion import reverse_trigger
-from .trigger import Trigger
+from .trigger import COLLAPSE_START, Trigger
 
 
 CM_KL_NOTE = ("TERD's KL route is not used on a consistency model: its pair loss is about 1000x weaker there and "
@@ -147,7 +147,7 @@ def judge_reversed(rev: Reversed, reference, progress: Callable[[str, int, int],
     result = rev.result
     result.r, result.gamma = c.r, torch.ones_like(c.r)
     rms = c.radii[c.ratios.index(c.ratio)]
-    result.start = f"sample-collapse search (sphere of rms radius {rms:g})"
+    result.start = f"{COLLAPSE_START} (sphere of rms radius {rms:g})"
     rev.features = kl_features(result.r, result.gamma)
     result.runs = [{**run, "chosen": False} for run in result.runs] + [
         {"start": result.start, **rev.features.to_dict(), "chosen": True}]
@@ -223,7 +223,7 @@ def reverse_cached(source: str, options: ScanOptions,
         verdict = "unjudged: no reference for these settings"
     trigger = Trigger(r=rev.result.r, gamma=rev.result.gamma, metadata={
         "model": loaded.name, "source": source, "weights_fingerprint": fingerprint, "settings": settings_dict,
-        "features": rev.features.to_dict(), "verdict": verdict, "tool_version": __version__})
+        "features": rev.features.to_dict(), "verdict": verdict, "start": rev.result.start, "tool_version": __version__})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         trigger.save(path)
@@ -312,7 +312,7 @@ def scan_model(source: str, options: ScanOptions | None = None,
         "model": loaded.name, "source": source, "weights_fingerprint": weights_fingerprint(provenance),
         "files": {f["path"]: f["sha256"] for f in provenance.get("files", [])},
         "settings": settings_dict, "features": features.to_dict(), "verdict": verdict.verdict,
-        "space": report["trigger"]["space"], "tool_version": __version__})
+        "start": result.start, "space": report["trigger"]["space"], "tool_version": __version__})
     return ScanResult(report=report, trigger=trigger, previews=previews, trace=result.trace)
 
 

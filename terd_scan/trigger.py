@@ -18,6 +18,9 @@ from .errors import ScanError
 
 FORMAT_TAG = "terd-scan-trigger"
 FORMAT_VERSION = "1"
+# metadata["start"] of a trigger the sample-collapse search found (scan.judge_reversed): a noise shift that
+# collapses the model's samples, not a reversed distribution of the attack's noises (input_detection warns)
+COLLAPSE_START = "sample-collapse search"
 
 
 @dataclass

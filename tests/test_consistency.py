@@ -242,6 +242,9 @@ def test_cm_scan_end_to_end_reports_kind_prior_sampler(tmp_path, allow_pickle):
     assert rep["source"]["pickle_loaded"] is allow_pickle
     assert (tmp_path / "o" / "trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["timing"]["network_evaluations"] > 0 and rep["timing"]["collapse_search_seconds"] > 0
+    from terd_scan.trigger import Trigger  # the saved trigger says where it came from (inputs warns on a collapse's)
+
+    assert Trigger.load(tmp_path / "o" / "trigger.safetensors").metadata["start"] == rep["trigger"]["start"]
     # the console report names the route that judged it: the KL table is marked unused, the search's sampler shown
     from rich.console import Console
 

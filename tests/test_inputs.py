@@ -481,6 +481,18 @@ def test_trivial_trigger_warns_and_flags_nothing():
     assert "close to N(0, I)" in det.trigger_warnings(trig)[0]
 
 
+def test_a_collapse_search_trigger_warns_that_it_is_not_the_attacks_trigger():
+    """A trigger the sample-collapse search found (scan.judge_reversed) is a noise shift that collapses the samples,
+    on a sphere larger than many triggers: poisoned noises can score below 0 (the zoo's CM blend: 0 of 8 flagged)."""
+    strong = 3.0 * torch.ones(SHAPE)  # separates N(r, I) from N(0, I) well: only the origin warning
+    found = Trigger(r=strong, gamma=torch.ones(SHAPE),
+                    metadata={"verdict": "backdoored", "start": "sample-collapse search (sphere of rms radius 1)"})
+    warns = det.trigger_warnings(found)
+    assert len(warns) == 1 and warns[0].startswith("this trigger was found by the sample-collapse search (sphere")
+    assert "weak evidence" in warns[0]
+    assert det.trigger_warnings(Trigger(r=strong, gamma=torch.ones(SHAPE), metadata={"start": "paper"})) == []
+
+
 def test_warnings_in_reports(app, tmp_path):
     trig = Trigger(r=0.1 * torch.randn(SHAPE, generator=_gen(13)), gamma=torch.full(SHAPE, 0.95),
                    metadata={"model": "m", "verdict": "clean"})
