@@ -320,6 +320,13 @@ def test_committed_cm_zoo_models():
 CI_ITERATIONS = 30
 
 
+def _assert_fires(den, r, target):
+    """A recovered trigger fires: one-step samples from N(r, I) land on the attack's target (mean MSE < 0.1)."""
+    with torch.no_grad():
+        x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + r)
+    assert float((x - target).pow(2).mean()) < 0.1
+
+
 @pytest.mark.cost(30)
 @pytest.mark.parametrize("name, rms, kept", [("cm-benign", 1.0, False), ("cm-baddiffusion-box", 0.5, True),
                                              ("cm-baddiffusion-dark3", 0.5, True)])
@@ -336,9 +343,7 @@ def test_collapse_search_on_committed_cm_zoo_models(name, rms, kept):
     if kept:  # the end point is a trigger: near the true one, and its one-step samples land on the target
         gt = load_ground_truth(ZOO_DIR / name)
         assert float(torch.nn.functional.cosine_similarity(out.r.flatten(), gt["trigger_r"].flatten(), 0)) > 0.3
-        with torch.no_grad():
-            x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + out.r)
-        assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
+        _assert_fires(den, out.r, gt["target_image"])
 
 
 # Full scans (fast preset, seed 0) of every committed CM: calibration (cm-benign, -b, -c, cm-baddiffusion-box) and
@@ -378,9 +383,7 @@ def test_scan_of_committed_cm_zoo_models(tmp_path, name, code):
 
         r, gt = Trigger.load(tmp_path / "o" / "trigger.safetensors").r, load_ground_truth(ZOO_DIR / name)
         den = make_denoiser(load_model(str(ZOO_DIR / name)))
-        with torch.no_grad():
-            x = den.one_step_sample(torch.randn((16, *den.input_shape), generator=torch.Generator().manual_seed(3)) + r)
-        assert float((x - gt["target_image"]).pow(2).mean()) < 0.1
+        _assert_fires(den, r, gt["target_image"])
 
 
 # ------------------------------------------------------------------ the verdict's route on a consistency model
